@@ -1,0 +1,28 @@
+"""The embedded world: where the committed toy teacher lives and how to load it like any SD 1.5 model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+TOY_TEACHER_DIR = Path(__file__).parent / "weights" / "teacher"
+# Sampler settings the toy teacher was evaluated with (measured in RESULTS: see README).
+TOY_GUIDANCE = 5.0
+TOY_TEACHER_STEPS = 50
+
+
+def toy_teacher_path() -> str:
+    if not (TOY_TEACHER_DIR / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the toy teacher is missing from {TOY_TEACHER_DIR}; reinstall stepdistill, or retrain it with "
+            f"`python train/train_toy_teacher.py --out {TOY_TEACHER_DIR}`")
+    return str(TOY_TEACHER_DIR)
+
+
+def evaluation_prompts(n: int, seed: int = 0) -> list[str]:
+    """A fixed, seeded set of ``n`` toy prompts (distinct while n <= 720), for evaluation."""
+    import numpy as np
+
+    from .scenes import all_scenes
+
+    scenes = all_scenes()
+    order = np.random.default_rng(seed).permutation(len(scenes))
+    return [scenes[order[i % len(scenes)]].caption for i in range(n)]

@@ -1,0 +1,225 @@
+"""The training loop: one loop for both methods (LCD and reflow), on accelerate.
+
+A step draws a batch from the precomputed cache (no VAE encoder or text encoder in the loop), asks
+the method's objective for a loss, and updates only the LoRA parameters. The teacher is the same
+UNet with its adapter disabled (peft), so a LoRA run holds one copy of the base model. All of a
+step's randomness comes from a generator seeded by (seed, step, micro-step, process), so a resumed
+run replays exactly the batches, noise and timesteps an uninterrupted one would have used.
+Checkpoints (LoRA weights, optimizer, LR scheduler, RNG states) are written to a temporary directory
+and renamed into place, so a crash never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``interrupt_after`` test hook to simulate a crash."""
+
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 17 + process)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    done = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(config.output_dir)
+        return found[-1] if found else None
+    path = Path(config.resume_from_checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = Path(config.output_dir) / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {config.resume_from_checkpoint} not found (looked at {path}); "
+                                f"available: {[p.name for p in list_checkpoints(config.output_dir)]}")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.save_state(str(tmp))
+    (tmp / "stepdistill_step.json").write_text(json.dumps({"global_step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def base_model_family(pipe) -> str:
+    """kohya's ``ss_base_model_version`` for the pipeline's family."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl_base_v1-0"
+    if getattr(pipe.unet.config, "cross_attention_dim", 768) == 1024:
+        return "sd_v2"
+    return "sd_v1"
+
+
+def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
+    """Run the distillation described by ``config``; returns the directory holding the LoRA."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from . import lora_io
+    from .objectives import build_objective
+    from .sampling import load_pipeline
+
+    output_dir = Path(config.output_dir)
+    log_with = config.report_to if config.report_to not in (None, "none") else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
+
+    set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
+    pipe = load_pipeline(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
+    unet = pipe.unet
+    objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
+    unet.requires_grad_(False)
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+    lora_io.add_lora_to_unet(unet, rank=config.lora_rank, alpha=alpha, target_modules=config.lora_target_modules)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    if weight_dtype != torch.float32:
+        unet.to(weight_dtype)
+        cast_training_params(unet, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_train_steps * accelerator.num_processes)
+    wrapped_unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    def save_hook(models, weights, path):
+        if accelerator.is_main_process:
+            sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped_unet))
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()},
+                      os.path.join(path, "lora_state.safetensors"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, path):
+        set_peft_model_state_dict(accelerator.unwrap_model(wrapped_unet),
+                                  load_file(os.path.join(path, "lora_state.safetensors")))
+        while models:
+            models.pop()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    global_step = 0
+    resume = resolve_resume(config)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = int(json.loads((resume / "stepdistill_step.json").read_text())["global_step"])
+        accelerator.print(f"resumed from {resume} at step {global_step}")
+    if log_with:
+        accelerator.init_trackers("stepdistill", config={k: str(v) for k, v in config.__dict__.items()})
+
+    bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
+               disable=not accelerator.is_local_main_process)
+    wrapped_unet.train()
+    while global_step < config.max_train_steps:
+        for micro in range(config.gradient_accumulation_steps):
+            gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
+            with accelerator.accumulate(wrapped_unet):
+                loss, logs = objective.loss(wrapped_unet, accelerator.unwrap_model(wrapped_unet),
+                                            config.train_batch_size, gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4g}")
+        if log_with:
+            accelerator.log(logs, step=global_step)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            if accelerator.is_main_process:
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+        if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
+                and global_step % config.validation_steps == 0):
+            objective.validate(pipe, accelerator, global_step)
+        if interrupt_after is not None and global_step >= interrupt_after:
+            raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(wrapped_unet)
+        metadata = objective.card(config)
+        header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
+        lora_io.save_lora(output_dir, raw, format="kohya", base_model_version=base_model_family(pipe),
+                          metadata=header, title=metadata["title"])
+        if config.save_diffusers_format:
+            lora_io.save_lora(output_dir / "diffusers", raw, format="diffusers",
+                              base_model_version=base_model_family(pipe), metadata=header, title=metadata["title"])
+        (output_dir / "stepdistill_card.json").write_text(json.dumps(metadata, indent=1))
+        (output_dir / "README.md").write_text(model_card_markdown(metadata))
+        if config.validation_prompts:
+            objective.validate(pipe, accelerator, global_step)
+    accelerator.end_training()
+    return output_dir
+
+
+def model_card_markdown(card: dict) -> str:
+    lines = [f"# {card.get('title', 'stepdistill adapter')}", "",
+             f"A {card['method_name']} LoRA for `{card['base_model']}`, trained with stepdistill.", "",
+             "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in card.items() if k not in ("title",)]
+    lines += ["", "```python", "from diffusers import DiffusionPipeline, " + card["scheduler"],
+              f"pipe = DiffusionPipeline.from_pretrained({card['base_model']!r})",
+              "pipe.load_lora_weights('.')  # pytorch_lora_weights.safetensors (kohya layout)",
+              f"pipe.scheduler = {card['scheduler']}.from_config(pipe.scheduler.config)",
+              f"image = pipe(prompt, num_inference_steps={card['recommended_steps']}, "
+              f"guidance_scale={card['recommended_guidance']}).images[0]", "```", ""]
+    return "\n".join(lines)
