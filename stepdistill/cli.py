@@ -42,7 +42,19 @@ def cmd_sample(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    run_demo(args.out, n_prompts=args.num_prompts, device=args.device, seed=args.seed)
+    run_demo(args.out, n_prompts=args.num_prompts, device=args.device, seed=args.seed, method=args.method)
+
+
+def cmd_distill(args):
+    from .config import load_config, parse_override
+    from .training import train
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.resume:
+        overrides["resume_from_checkpoint"] = args.resume
+    config = load_config(args.config, **overrides)
+    out = train(config)
+    print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png")
     s.set_defaults(func=cmd_sample)
 
+    t = sub.add_parser("distill", help="train an acceleration LoRA (LCD or reflow) from a YAML recipe")
+    t.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_train_steps=500")
+    t.set_defaults(func=cmd_distill)
+
     d = sub.add_parser("demo", help="the main job on the embedded toy world")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--method", default="lcd", choices=["teacher", "lcd", "reflow", "all"])
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
     return parser

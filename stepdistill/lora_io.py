@@ -4,7 +4,9 @@ check that a stock diffusers pipeline really received every layer.
 File layout
 -----------
 The default (``format="kohya"``) is kohya-ss' layout, the one diffusers, ComfyUI/Forge, A1111 and kohya's
-scripts all read, and the one the published LCM-LoRA files use (``pytorch_lora_weights.safetensors``)::
+scripts all read, and the one the published LCM-LoRA files use (``pytorch_lora_weights.safetensors``)
+(diffusers: loaded and compared layer by layer in the tests; ComfyUI's ``model_lora_keys_unet`` and A1111's
+``convert_diffusers_name_to_compvis`` map these names by their source, not run here)::
 
     lora_unet_<diffusers module path, "." -> "_">.lora_down.weight   (r, in) | conv: (r, in, kh, kw)
     lora_unet_<diffusers module path, "." -> "_">.lora_up.weight     (out, r) | conv: (out, r, 1, 1)
@@ -17,7 +19,8 @@ fp16, UNet only, effective update ``delta W = alpha / r * up @ down``. The safet
 (``unet.<path>.lora_A.weight`` / ``unet.<path>.lora_B.weight``, produced here by that very function). That
 layout has no per-layer alpha: without diffusers' ``lora_adapter_metadata`` a loader assumes
 ``alpha == r`` (scale 1). So the ``alpha / r`` scale is folded into ``lora_B`` before writing, which makes the
-file load correctly with or without metadata support.
+file load correctly with or without metadata support. It is a diffusers-only layout: ComfyUI does not map
+its attention keys (see below).
 
 Why not the other save paths (checked against diffusers 0.42.1 / peft 0.21.2 on an SD-shaped UNet with the
 14 LCM-LoRA target types, rank 4, alpha 8 -- 115 LoRA layers):
@@ -418,7 +421,14 @@ def _pairs_to_layers(state_dict: Mapping[str, torch.Tensor], a: str, b: str, wha
 
 
 def _legacy_to_layers(state_dict: Mapping[str, torch.Tensor], what: str) -> LoraLayers:
-    """Layers of a ``convert_state_dict_to_diffusers``-style dict (``.lora.down/up`` mixed with ``.lora_A/B``)."""
+    """Layers of a ``convert_state_dict_to_diffusers``-style dict (``.lora.down/up`` mixed with ``.lora_A/B``;
+    also the older attention-processor keys ``attn1.processor.to_q_lora.down.weight``)."""
+
+    def _norm(key: str) -> str:
+        key = re.sub(r"\.processor\.to_out_lora\.(down|up)\.weight$", r".to_out.0.lora.\1.weight", key)
+        return re.sub(r"\.processor\.(to_[qkv])_lora\.(down|up)\.weight$", r".\1.lora.\2.weight", key)
+
+    state_dict = {_norm(k): v for k, v in state_dict.items()}
     legacy = {k: v for k, v in state_dict.items() if k.endswith((".lora.down.weight", ".lora.up.weight"))}
     ab = {k: v for k, v in state_dict.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
     others = sorted(set(state_dict) - set(legacy) - set(ab))
@@ -497,6 +507,9 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -517,7 +530,7 @@ def save_lora(
     dtype: torch.dtype = torch.float16,
     title: str | None = None,
 ) -> Path:
-    """Write the UNet's LoRA adapter to a safetensors file, atomically; returns the file path.
+    """Write the UNet's LoRA adapter (or a layer dict passed as ``unet``) to safetensors, atomically; returns the path.
 
     A path ending in ``.safetensors`` is the file, anything else a directory receiving
     ``pytorch_lora_weights.safetensors``. ``format="kohya"`` (default; every tool) or ``"diffusers"``
@@ -566,7 +579,7 @@ _LEGACY_SUFFIXES = (".lora.down.weight", ".lora.up.weight", "_lora.down.weight",
 
 
 def _detect_format(keys: list[str]) -> str:
-    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) and k.startswith(("lora_unet_", "lora_te")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te")) and k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
         return "kohya"
     if any(k.endswith(_LEGACY_SUFFIXES) for k in keys):
         # convert_state_dict_to_diffusers output: attention layers as lora.down/up, the rest as lora_A/B
@@ -707,7 +720,8 @@ class LoraLoadReport:
             f"max relative delta error {self.max_rel_err:.2e}"
         )
         if self.dropped:
-            s += f"; {len(self.dropped)} DROPPED: " + ", ".join(self.dropped[:10]) + (" ..." if len(self.dropped) > 10 else "")
+            more = " ..." if len(self.dropped) > 10 else ""
+            s += f"; {len(self.dropped)} DROPPED: " + ", ".join(self.dropped[:10]) + more
         if self.mismatched:
             s += f"; {len(self.mismatched)} MISMATCHED: " + ", ".join(
                 f"{p} (rel err {e:.2e})" for p, e in self.mismatched[:10]

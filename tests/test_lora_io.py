@@ -242,6 +242,7 @@ def test_two_adapters_with_set_adapters(trained, make_pipe, tmp_path):
     p.load_lora_weights(str(tmp_path / "lcm"), adapter_name="a")
     p.load_lora_weights(str(tmp_path / "style"), adapter_name="b")
     p.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
+    p.set_progress_bar_config(disable=True)
     both = unet_out(p.unet)
     images = p("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images

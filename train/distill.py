@@ -1,0 +1,15 @@
+"""Distill a teacher into a few-step LoRA (LCD or reflow), from a YAML recipe plus key=value overrides.
+
+    python train/distill.py --config configs/toy-lcm-lora.yaml
+    accelerate launch --multi_gpu --num_processes 8 train/distill.py --config configs/sd15-lcm-lora.yaml \
+        train_data=/data/laion-aesthetic mixed_precision=bf16
+
+Same as `stepdistill distill`. Multi-GPU: `train_batch_size` is per device; each process draws its own
+batches (seeded by step and process index), and accelerate averages the gradients.
+"""
+import sys
+
+from stepdistill.cli import main
+
+if __name__ == "__main__":
+    main(["distill", *sys.argv[1:]])
