@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. max_train_steps=500")
     t.set_defaults(func=cmd_distill)
 
+    from .couplings import add_reflow_commands
+    from .evaluate import add_eval_command
+    from .export import add_portability_commands
+
+    add_reflow_commands(sub)
+    add_eval_command(sub)
+    add_portability_commands(sub)
+
     d = sub.add_parser("demo", help="the main job on the embedded toy world")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=200)

@@ -58,6 +58,8 @@ class TrainConfig:
     # reflow
     reflow_windows: int = 1                  # 1: InstaFlow-style single window; >1: PeRFlow piecewise
     reflow_time_distribution: str = "uniform"
+    reflow_loss_weighting: str = "velocity"    # "velocity": MSE on the flow velocity (Rectified Flow eq. 1);
+                                               # "native": MSE in the model's output space (eps/v/x0)
     # bookkeeping
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 3

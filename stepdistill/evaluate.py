@@ -10,6 +10,10 @@ image ``i`` starts from ``torch.Generator().manual_seed(seed + i)``), at its own
   them (or without their package) the value is ``null`` and ``unavailable[<metric>]`` says why;
 * ``sec_per_image``: wall time per image of the pipeline call (the only number that is not reproducible).
 
+Seeds: image ``i`` starts from ``seed + i`` and, for samplers that inject noise between steps (LCM at 2+ steps,
+TCD with ``eta > 0``), draws that noise from its own generator (:func:`seeded_generate`), so every number but
+the timing repeats exactly.
+
 Method specs (``--method``, repeatable)::
 
     SPEC    := [NAME "="] [LORAS] [":" SAMPLER] (":" OPTION)*
@@ -228,17 +232,45 @@ def resolve_method(spec: MethodSpec, teacher_steps, student_steps, teacher_guida
 
 
 def apply_sampler(pipe, sampler: str, steps: int, num_windows: int | None = None):
-    """Put the method's scheduler on ``pipe`` for a ``steps``-step run."""
+    """Put the method's scheduler on ``pipe`` for a ``steps``-step run, always built from the pipeline's original
+    scheduler config (remembered on first use), so one run's settings never leak into the next: DDIM gets
+    trailing spacing below 25 steps and the model's own spacing from 25 on (``set_scheduler(..., trailing=False)``
+    alone would keep a previous run's trailing spacing)."""
+    base = getattr(pipe, "_stepdistill_base_scheduler", None)
+    if base is None:
+        base = pipe.scheduler
+        pipe._stepdistill_base_scheduler = base
+    pipe.scheduler = base
     if sampler == "perflow":
         from .flow_scheduler import PiecewiseRectifiedFlowScheduler
 
         pipe.scheduler = PiecewiseRectifiedFlowScheduler.from_config(
-            pipe.scheduler.config, num_windows=num_windows or DEFAULT_NUM_WINDOWS)
+            base.config, num_windows=num_windows or DEFAULT_NUM_WINDOWS)
     elif sampler == "ddim":
         set_scheduler(pipe, "ddim", trailing=steps < 25)
     else:
         set_scheduler(pipe, sampler)
     return pipe
+
+
+STEP_NOISE_SEED_OFFSET = 10_000_019
+
+
+def seeded_generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0, batch_size: int = 64,
+                    **pipe_kwargs):
+    """:func:`stepdistill.sampling.generate` plus one ``torch.Generator`` per image for the noise that
+    stochastic samplers (LCM's multi-step sampling, TCD with ``eta > 0``) inject between steps: image ``i``
+    uses seed ``STEP_NOISE_SEED_OFFSET + seed + i`` (a stream apart from its initial noise, seed ``seed + i``).
+    Without it that noise comes from the global RNG and a rerun gives other images."""
+    images, seconds = [], 0.0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        gens = [torch.Generator().manual_seed(STEP_NOISE_SEED_OFFSET + seed + start + i) for i in range(len(chunk))]
+        imgs, sec = generate(pipe, chunk, steps=steps, guidance=guidance, seed=seed + start, batch_size=len(chunk),
+                             generator=gens, **pipe_kwargs)
+        images.append(imgs)
+        seconds += sec * len(chunk)
+    return np.concatenate(images), seconds / len(prompts)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -319,7 +351,7 @@ def evaluate(out_dir: str | Path, methods: list[str | MethodSpec] = ("teacher",)
             ref_reason = "Inception FID needs reference images: pass --reference-images DIR"
 
     results = {"model": model, "prompts": {"source": prompt_source, "count": len(prompt_list), "toy": toy},
-               "seed": seed, "seeding": "image i uses torch.Generator().manual_seed(seed + i)",
+               "seed": seed, "seeding": f"image i: initial noise seed + i, sampler noise {STEP_NOISE_SEED_OFFSET} + seed + i",
                "environment": None, "fid_reference": ref_source, "methods": {}}
     grids = {}
     for spec, res in zip(specs, resolved):
@@ -343,8 +375,8 @@ def evaluate(out_dir: str | Path, methods: list[str | MethodSpec] = ("teacher",)
             kwargs = {"eta": res["eta"]} if res["eta"] is not None else {}
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                images, sec = generate(pipe, prompt_list, steps=steps, guidance=res["guidance"], seed=seed,
-                                       batch_size=batch_size, **kwargs)
+                images, sec = seeded_generate(pipe, prompt_list, steps=steps, guidance=res["guidance"], seed=seed,
+                                              batch_size=batch_size, **kwargs)
             cell = cell_metrics(images, prompt_list, toy, inception_weights, clip_model, ref_images, ref_reason)
             cell["sec_per_image"] = sec
             notes = sorted({str(w.message) for w in caught if "reflow windows" in str(w.message)})
@@ -454,6 +486,20 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.split(",") if s.strip())
 
 
+EVAL_EPILOG = """method specs (--method, repeatable; default: teacher):
+  SPEC   := [NAME=][LORA[@WEIGHT][+LORA...]][:SAMPLER][:steps=1,2,4][:guidance=G][:windows=K][:eta=E]
+  SAMPLER: ddim | lcm | tcd | perflow (PiecewiseRectifiedFlowScheduler; K from windows=, else the LoRA's
+           stepdistill.num_windows metadata, else 4) | euler | dpmpp | pndm | flow_euler
+  without LoRAs (teacher): DDIM (trailing spacing below 25 steps), --teacher-steps, --teacher-guidance
+  with LoRAs (student):    sampler from the LoRA metadata (lcd -> lcm, reflow -> perflow), --student-steps, guidance 1
+
+examples:
+  stepdistill eval --method teacher --method lcd=out/demo/lora:lcm --method reflow=out/demo/lora-reflow:perflow
+  stepdistill eval --prompts toy:100 --method teacher:ddim:steps=4,25,50 --method tcd=out/demo/lora:tcd:eta=0.3
+  stepdistill eval --model DIR --prompts prompts.txt --clip-model CLIP_DIR --method teacher --method lcd=LORA
+"""
+
+
 def cmd_eval(args):
     evaluate(args.out, methods=args.method or ["teacher"], model=args.model, prompts=args.prompts, seed=args.seed,
              prompt_seed=args.prompt_seed, student_steps=args.student_steps, teacher_steps=args.teacher_steps,
@@ -464,9 +510,14 @@ def cmd_eval(args):
 
 def add_eval_command(subparsers):
     """Register ``stepdistill eval`` on an argparse subparsers object."""
+    import argparse
+
     e = subparsers.add_parser(
         "eval", help="quality (prompt accuracy, toy-FID, FID, CLIP) and time vs. steps for teacher and LoRA students",
-        description=__doc__.split("Outputs")[0].split("Method specs")[0].strip())
+        description="Sample a fixed prompt set with fixed per-image seeds for each method at each of its step counts; "
+                    "report prompt accuracy and toy-FID (toy prompts), FID / CLIP score (with local weights) and "
+                    "seconds per image. Writes results.json, results.md, quality_vs_steps.png, grid-<method>.png.",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--model", default="toy", help="'toy', a local pipeline directory or a hub id")
     e.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help=f"repeat per method (default: teacher). {SPEC_HELP}")

@@ -52,8 +52,8 @@ def set_scheduler(pipe, name: str, **overrides):
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[name])
     config = dict(pipe.scheduler.config)
-    if name == "ddim":
-        config.update(timestep_spacing="trailing" if overrides.pop("trailing", False) else config.get("timestep_spacing", "leading"))
+    if name == "ddim":  # set explicitly either way, so a previous trailing choice never leaks into this one
+        config.update(timestep_spacing="trailing" if overrides.pop("trailing", False) else "leading")
     config.update(overrides)
     pipe.scheduler = cls.from_config(config)
     return pipe
@@ -72,7 +72,9 @@ def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+        # per-image generators also seed the noise that stochastic samplers (LCM, TCD) inject between steps
+        generators = [torch.Generator().manual_seed(seed + start + i + 10_000_019) for i in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, generator=generators,
                    output_type="np", height=height, width=width, **pipe_kwargs).images
         if device.type == "cuda":
             torch.cuda.synchronize()

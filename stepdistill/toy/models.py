@@ -20,6 +20,7 @@ SD_SCHEDULER_CONFIG = dict(
     beta_end=0.012,
     beta_schedule="scaled_linear",
     prediction_type="epsilon",
+    clip_sample=False,
     set_alpha_to_one=False,
     skip_prk_steps=True,
     steps_offset=1,
@@ -84,4 +85,4 @@ def build_unet():
 def build_scheduler():
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(**SD_SCHEDULER_CONFIG)
+    return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)

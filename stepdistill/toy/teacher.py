@@ -39,6 +39,7 @@ class TeacherRecipe:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     snapshot_every: int = 0  # also save the EMA pipeline every N UNet steps (0: only at the end)
+    device: str = "cpu"      # "cuda" trains on a GPU (randomness stays on the CPU generator)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -62,15 +63,16 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 
 def train_vae(images: torch.Tensor, recipe: TeacherRecipe, writer=None):
     gen = torch.Generator().manual_seed(recipe.seed)
-    vae = models.build_vae()
+    dev = torch.device(recipe.device)
+    vae = models.build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, recipe.vae_steps))
     bar = tqdm(range(recipe.vae_steps), desc="vae")
     for step in bar:
         idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=gen)
-        x = images[idx]
+        x = images[idx].to(dev)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
         recon = vae.decode(z).sample
         rec_loss = F.mse_loss(recon, x)
         kl = post.kl().mean() / post.mean[0].numel()
@@ -87,7 +89,8 @@ def train_vae(images: torch.Tensor, recipe: TeacherRecipe, writer=None):
                 writer.add_scalar("vae/kl", kl.item(), step)
     vae.eval()
     with torch.no_grad():
-        sample = torch.cat([vae.encode(images[i:i + 512]).latent_dist.mean for i in range(0, min(len(images), 4096), 512)])
+        sample = torch.cat([vae.encode(images[i:i + 512].to(dev)).latent_dist.mean
+                            for i in range(0, min(len(images), 4096), 512)])
     scaling_factor = float(1.0 / sample.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     return vae
@@ -97,9 +100,9 @@ def train_vae(images: torch.Tensor, recipe: TeacherRecipe, writer=None):
 def encode_pool(vae, images: torch.Tensor, batch: int = 512):
     means, stds = [], []
     for i in range(0, len(images), batch):
-        post = vae.encode(images[i:i + batch]).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
+        post = vae.encode(images[i:i + batch].to(vae.device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -116,6 +119,9 @@ def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe:
     text_encoder = models.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                                              tokenizer.pad_token_id)
     unet = models.build_unet()
+    dev = torch.device(recipe.device)
+    text_encoder.to(dev)
+    unet.to(dev)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in models.SD_SCHEDULER_CONFIG.items()
                                        if k not in ("skip_prk_steps", "set_alpha_to_one")})
     alphas_cumprod = noise_scheduler.alphas_cumprod
@@ -133,8 +139,9 @@ def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe:
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        context = text_encoder(batch_ids)[0]
+        noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).to(dev)
+        noise, t = noise.to(dev), t.to(dev)
+        context = text_encoder(batch_ids.to(dev))[0]
         pred = unet(noisy, t, context).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -177,11 +184,12 @@ def train_teacher(out_dir: str | Path, recipe: TeacherRecipe = TeacherRecipe(), 
     lat_mean, lat_std = encode_pool(vae, images)
 
     def snapshot(step, tokenizer, text_encoder, unet):
-        assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(f"{out_dir}-step{step}")
+        assemble_pipeline(copy.deepcopy(vae).cpu(), copy.deepcopy(text_encoder).cpu(), tokenizer,
+                          copy.deepcopy(unet).cpu()).save_pretrained(f"{out_dir}-step{step}")
 
     tokenizer, text_encoder, unet = train_text_and_unet(
         lat_mean, lat_std, [s.caption for s in scenes], vae.config.scaling_factor, recipe, writer, snapshot)
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet).to("cpu")
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     if writer:
         writer.close()

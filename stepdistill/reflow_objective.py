@@ -1,0 +1,180 @@
+"""The reflow objective: regress the student's flow velocity onto straight segments of the teacher's couplings.
+
+* K = 1 (Rectified Flow, Liu et al. 2022, eq. 1; InstaFlow's 2-rectified flow): the straight line from the
+  coupling's start state (the noise, at ``s = sigma_max``) to its data (``s = 0``), target velocity
+  ``(z_start - z_data) / sigma_max``.
+* K > 1 (PeRFlow, Yan et al. 2024): the flow time ``s`` falls in window ``k``, ``(b_{k+1}, b_k]``; the point is
+  on the straight segment between the teacher's ODE states at ``b_k`` and ``b_{k+1}`` and the target is that
+  segment's velocity (:func:`stepdistill.reflow.piecewise_target`).
+
+The student is the teacher's own network with a LoRA, kept in its native parametrization so that the LoRA
+starts as the teacher: for VP (SD) UNets the flow point ``(s, x_s)`` is fed as the VP state
+``x_t = x_s / sqrt((1-s)^2 + s^2)`` at the continuous timestep ``t(s)`` (:func:`reflow.flow_state_to_vp_input`)
+and the output (eps / v / x0) is turned into a velocity with :func:`reflow.velocity_from_vp_output`; a
+FlowMatch (SD3-style) transformer's output is the velocity already. Sampling uses
+:class:`stepdistill.flow_scheduler.PiecewiseRectifiedFlowScheduler` with the same K windows, whose Euler step is
+the inverse of this conversion, at guidance 1 (the teacher's guidance is baked into the couplings).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reflow
+from .config import ConfigError, TrainConfig
+from .couplings import TeacherFlow, load_couplings
+from .objectives import CachedDataObjective
+
+LOSS_WEIGHTINGS = ("velocity", "native")
+
+
+def vp_abar_of_sigma(s: torch.Tensor) -> torch.Tensor:
+    """``alpha(s)^2 = (1-s)^2 / ((1-s)^2 + s^2)``: the VP ``abar`` of flow time ``s`` (as the scheduler's step)."""
+    s = s.float()
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
+def student_velocity(model, x_s: torch.Tensor, s: torch.Tensor, cond: dict, *, prediction_type: str,
+                     alphas_cumprod: torch.Tensor | None = None, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The flow velocity a model predicts at the flow points ``(s, x_s)`` (``s``: per-sample ``(B,)``, CPU).
+
+    VP prediction types: UNet at ``flow_state_to_vp_input(x_s, s)``, output -> velocity. ``"flow"``: a FlowMatch
+    transformer at ``timestep = s * num_train_timesteps`` (its output is ``noise - x0``)."""
+    device = x_s.device
+    if prediction_type == "flow":
+        t = (s.float() * num_train_timesteps).to(device)
+        return model(hidden_states=x_s, timestep=t, return_dict=False, **cond)[0].float()
+    x_t, t = reflow.flow_state_to_vp_input(x_s, s, alphas_cumprod)
+    out = model(x_t, t.to(device), **cond).sample
+    return reflow.velocity_from_vp_output(out, x_t, vp_abar_of_sigma(s).to(device), prediction_type)
+
+
+def native_loss_weight(s: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample ``w(s)`` with ``w * |v_pred - v|^2 = |out_pred - out_target|^2`` in the model's own output space
+    (``(dv/d out)^-2``): eps ``(1-s)^2``, v_prediction ``(1-s)^2 + s^2``, sample ``s^2``, flow 1."""
+    s = s.float()
+    if prediction_type == "epsilon":
+        return (1 - s) ** 2
+    if prediction_type == "v_prediction":
+        return (1 - s) ** 2 + s**2
+    if prediction_type == "sample":
+        return s**2
+    return torch.ones_like(s)
+
+
+class ReflowObjective(CachedDataObjective):
+    """Rectified-flow / PeRFlow regression on the couplings in ``config.couplings_dir``.
+
+    Unlike LCD it needs no image data: the couplings carry the targets and the text embeddings, so the base
+    class's latent cache is not built (only its ``validate`` is reused)."""
+
+    student_guidance = 1.0
+
+    def __init__(self, config: TrainConfig, pipe, accelerator):  # noqa: D107 - no super().__init__: no image cache
+        self.config = config
+        self.device = accelerator.device
+        self.base_model = config.pretrained_model
+        if not config.couplings_dir:
+            raise ConfigError("method=reflow needs couplings_dir: generate couplings with `stepdistill reflow couple "
+                              "--model MODEL --out DIR`, then set couplings_dir=DIR")
+        if config.reflow_loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"reflow_loss_weighting must be one of {LOSS_WEIGHTINGS}, "
+                              f"got {config.reflow_loss_weighting!r}")
+        if config.reflow_time_distribution not in ("uniform", "logit_normal"):
+            raise ConfigError(f"reflow_time_distribution must be 'uniform' or 'logit_normal', "
+                              f"got {config.reflow_time_distribution!r}")
+        teacher = TeacherFlow(pipe)
+        self.kind = teacher.kind
+        self.prediction_type = teacher.prediction_type
+        self.alphas_cumprod = teacher.alphas_cumprod
+        self.num_train_timesteps = teacher.num_train_timesteps
+        self.sigma_max = float(teacher.sigma_max)
+
+        with accelerator.main_process_first():
+            self.couplings = load_couplings(config.couplings_dir)
+        m = self.couplings.manifest
+        where = f"couplings at {config.couplings_dir}"
+        if m["teacher"] != self.kind or m["prediction_type"] != self.prediction_type:
+            raise ConfigError(f"{where} come from a {m['teacher']}/{m['prediction_type']} teacher, but "
+                              f"{config.pretrained_model} is {self.kind}/{self.prediction_type}")
+        if abs(float(m["sigma_max"]) - self.sigma_max) > 1e-5:
+            raise ConfigError(f"{where} start at flow time {m['sigma_max']:.6f}, this model's schedule at "
+                              f"{self.sigma_max:.6f}: they were generated with another noise schedule")
+        if m.get("model") and m["model"] != config.pretrained_model:
+            warnings.warn(f"{where} were generated with model {m['model']!r}, training on "
+                          f"{config.pretrained_model!r}; reflow assumes the student's base is the coupling teacher",
+                          UserWarning, stacklevel=2)
+        K, K_c = int(config.reflow_windows), int(m["num_windows"])
+        if K < 1 or K_c % K:
+            raise ConfigError(f"reflow_windows={K} must divide the couplings' num_windows={K_c} (their boundary "
+                              f"states are at {K_c} uniform windows); regenerate couplings with --windows {K}")
+        self.num_windows = K
+        self.stride = K_c // K
+        self.boundaries = self.couplings.sigma_boundaries[::self.stride].float()
+        expected = reflow.window_boundaries(K, sigma_max=self.sigma_max)
+        if not torch.allclose(self.boundaries, expected, atol=1e-6, rtol=0):
+            raise ConfigError(f"{where}: boundaries {self.boundaries.tolist()} differ from the student scheduler's "
+                              f"{expected.tolist()}")
+        vae_scale = pipe.vae_scale_factor
+        self.resolution = int(m["latent_shape"][1]) * vae_scale
+        if config.resolution and config.resolution != self.resolution:
+            raise ConfigError(f"resolution={config.resolution}, but the couplings are {self.resolution}px latents "
+                              f"({m['latent_shape']}); drop resolution or regenerate the couplings")
+
+    # ------------------------------------------------------------------ loss
+    def targets(self, batch_size: int, gen: torch.Generator):
+        """One batch of regression targets (CPU): ``idx, s, x_s, v_target`` (all randomness from ``gen``)."""
+        idx = torch.randint(0, len(self.couplings), (batch_size,), generator=gen)
+        s = reflow.sample_flow_times(batch_size, gen, self.config.reflow_time_distribution, sigma_max=self.sigma_max)
+        k = reflow.window_of(s, self.boundaries) if self.num_windows > 1 else torch.zeros(batch_size, dtype=torch.long)
+        rows = self.couplings.boundary_states(idx)
+        ar = torch.arange(batch_size)
+        z_start, z_end = rows[ar, k * self.stride], rows[ar, (k + 1) * self.stride]
+        x_s, v_target = reflow.piecewise_target(z_start, z_end, self.boundaries[k], self.boundaries[k + 1], s)
+        return idx, s, x_s, v_target
+
+    def _cond(self, idx) -> dict:
+        cond = self.couplings.conditioning(idx)
+        out = {}
+        for key, val in cond.items():
+            out[key] = ({k: v.to(self.device) for k, v in val.items()} if isinstance(val, dict) else val.to(self.device))
+        return out
+
+    def loss(self, unet, raw_unet, batch_size: int, gen: torch.Generator):
+        """MSE between the student's velocity and the (piecewise) straight coupling velocity."""
+        idx, s, x_s, v_target = self.targets(batch_size, gen)
+        v_pred = student_velocity(unet, x_s.to(self.device), s, self._cond(idx), prediction_type=self.prediction_type,
+                                  alphas_cumprod=self.alphas_cumprod, num_train_timesteps=self.num_train_timesteps)
+        weighting = None
+        if self.config.reflow_loss_weighting == "native":
+            weighting = native_loss_weight(s, self.prediction_type).to(self.device)
+        loss = reflow.reflow_loss(v_pred, v_target.to(self.device), weighting)
+        return loss, {"s_mean": float(s.mean())}
+
+    # ------------------------------------------------------------------ sampling and card
+    def scheduler_kwargs(self) -> dict:
+        return {"num_windows": self.num_windows, "prediction_type": self.prediction_type}
+
+    def set_student_scheduler(self, pipe):
+        from .flow_scheduler import PiecewiseRectifiedFlowScheduler
+
+        pipe.scheduler = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, **self.scheduler_kwargs())
+
+    def card(self, config: TrainConfig) -> dict:
+        m = self.couplings.manifest
+        K = self.num_windows
+        name = ("rectified flow (reflow, InstaFlow-style) on teacher couplings" if K == 1
+                else f"piecewise rectified flow (PeRFlow-style, {K} windows) on teacher couplings")
+        return {"title": f"{'Reflow' if K == 1 else 'PeRFlow'}-LoRA (stepdistill)", "method": "reflow",
+                "method_name": name, "base_model": config.pretrained_model, "prediction_type": self.prediction_type,
+                "scheduler": "PiecewiseRectifiedFlowScheduler", "scheduler_module": "stepdistill.flow_scheduler",
+                "scheduler_kwargs": self.scheduler_kwargs(), "num_windows": K, "sigma_max": self.sigma_max,
+                "recommended_steps": K, "steps_multiple_of": K, "recommended_guidance": 1.0,
+                "coupling_teacher": m.get("model", ""), "coupling_solver": m["solver"],
+                "coupling_steps": m["num_steps"], "coupling_guidance": m["guidance_scale"],
+                "num_couplings": m["num_couplings"], "time_distribution": config.reflow_time_distribution,
+                "loss_weighting": config.reflow_loss_weighting, "train_steps": config.max_train_steps,
+                "train_batch_size": config.train_batch_size, "lora_rank": config.lora_rank,
+                "lora_alpha": config.lora_alpha or config.lora_rank, "learning_rate": config.learning_rate,
+                "resolution": self.resolution}

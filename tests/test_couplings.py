@@ -1,0 +1,418 @@
+"""Teacher couplings (stepdistill.couplings): agreement with the stock diffusers pipelines, exact window-boundary
+states, per-sample determinism, crash/resume, argument checks, solvers, SD3-style flow teachers and the CLI."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill import couplings as C
+from stepdistill import reflow
+from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
+
+PROMPTS = ["a red circle", "a blue square", "a red circle", "a small green triangle", "a big red square"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """tests/conftest.py sets 2 torch threads; on a 2-core machine shared with another job that oversubscribes
+    the cores (this module's ODE loops ran ~30x slower). One thread here, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _v_pipe(pipe):
+    from diffusers import PNDMScheduler
+
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    return pipe
+
+
+def _capture(pipe, prompts, noise, steps, guidance, **kw):
+    """Run the stock pipeline, returning its final latent and the latents after every step."""
+    seen = {}
+
+    def cb(p, i, t, kwargs):
+        seen[i + 1] = kwargs["latents"].clone()
+        return kwargs
+
+    with torch.no_grad():
+        out = pipe(prompts, latents=noise, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                   callback_on_step_end=cb, **kw).images
+    return out, seen
+
+
+# ----------------------------------------------------------------------------------------------------
+# VP (SD-family) teachers
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_couplings_equal_the_stock_pipeline_with_the_student_scheduler(tiny_random_pipe, tmp_path, prediction_type):
+    """ddim couplings == StableDiffusionPipeline + PiecewiseRectifiedFlowScheduler(K) from the same noise, at the
+    end and at every window boundary; the stored grid and boundaries are the scheduler's; boundary 0 is the
+    noise's flow state, boundary K the data; embeddings are pipe.encode_prompt's."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = _v_pipe(tiny_random_pipe) if prediction_type == "v_prediction" else tiny_random_pipe
+    K, N, w = 2, 4, 3.0
+    res = C.generate_couplings(pipe, PROMPTS, tmp_path / "c", num_steps=N, num_windows=K, guidance_scale=w,
+                               shard_size=3, batch_size=2, progress=False)
+    assert res.num_generated == 5 and len(res.shards_written) == 2 and res.couplings_per_second > 0
+    cs = C.load_couplings(tmp_path / "c")
+    m = cs.manifest
+    assert m["teacher"] == "vp" and m["prediction_type"] == prediction_type and m["completed"] == m["shards"]
+    noise, data, states = cs.tensor("noise"), cs.tensor("data"), cs.boundary_states(torch.arange(5))
+    assert states.shape == (5, K + 1, 4, 8, 8)
+
+    student = StableDiffusionPipeline(**pipe.components)
+    student.scheduler = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, num_windows=K)
+    assert student.scheduler.sigma_max == pytest.approx(m["sigma_max"], abs=1e-9)
+    torch.testing.assert_close(torch.tensor(m["sigma_boundaries"]).float(), student.scheduler.window_sigmas)
+    assert torch.equal(torch.tensor(m["step_sigmas"], dtype=torch.float64), student.scheduler.window_aligned_sigmas(N))
+
+    out, seen = _capture(student, PROMPTS, noise, N, w)
+    scale = data.abs().max()
+    torch.testing.assert_close(data, out, atol=2e-6 * scale, rtol=0)
+    for j, gi in enumerate(m["boundary_grid_indices"]):
+        want = reflow.vp_state_to_flow(noise if gi == 0 else seen[gi], m["sigma_boundaries"][j])
+        torch.testing.assert_close(states[:, j], want, atol=2e-6 * scale, rtol=0, msg=f"boundary {j}")
+    # exact ends: the first boundary state is the noise (as a flow state), the last one is the data
+    assert torch.equal(states[:, 0], reflow.vp_state_to_flow(noise, m["sigma_max"]))
+    assert torch.equal(states[:, -1], data)
+    torch.testing.assert_close(reflow.flow_state_to_vp_input(states[:, 0], m["sigma_max"], cs_ac(pipe))[0], noise)
+    # noise i is torch.Generator().manual_seed(seed + i); the prompt table is deduplicated
+    assert torch.equal(noise[3], torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))[0])
+    assert m["prompts"] == ["a red circle", "a blue square", "a small green triangle", "a big red square"]
+    assert cs.prompt_index.tolist() == [0, 1, 0, 2, 3] and cs.uncond_index == 4
+    with torch.no_grad():
+        e, _ = pipe.encode_prompt(m["prompts"] + [""], device="cpu", num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)
+    torch.testing.assert_close(cs.prompt_embeds, e)
+
+
+def cs_ac(pipe):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+
+
+def test_deterministic_per_sample_regardless_of_batch_size(tiny_random_pipe, tmp_path):
+    kw = dict(num_steps=3, num_windows=1, guidance_scale=2.0, progress=False)
+    C.generate_couplings(tiny_random_pipe, PROMPTS[:4], tmp_path / "a", batch_size=1, **kw)
+    C.generate_couplings(tiny_random_pipe, PROMPTS[:4], tmp_path / "b", batch_size=4, **kw)
+    C.generate_couplings(tiny_random_pipe, PROMPTS[2:4], tmp_path / "c", seed=2, batch_size=2, **kw)
+    a, b, c = (C.load_couplings(tmp_path / d) for d in "abc")
+    assert torch.equal(a.tensor("noise"), b.tensor("noise"))
+    assert torch.equal(a.tensor("noise")[2:], c.tensor("noise"))  # sample i only depends on seed + i
+    scale = a.tensor("data").abs().max()
+    # batched BLAS kernels may round differently; nothing else may differ
+    torch.testing.assert_close(a.tensor("boundary_states"), b.tensor("boundary_states"), atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(a.tensor("data")[2:], c.tensor("data"), atol=1e-6 * scale, rtol=0)
+
+
+def test_crash_resumes_without_redoing_or_losing_shards(tiny_random_pipe, tmp_path):
+    kw = dict(num_steps=2, num_windows=2, guidance_scale=2.0, shard_size=2, batch_size=2, progress=False)
+    out = tmp_path / "c"
+    with pytest.raises(C.CouplingInterrupted):
+        C.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
+    first = out / "couplings-00000.safetensors"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["completed"] == [first.name] and not (out / "couplings-00001.safetensors").exists()
+    with pytest.raises(C.CouplingError, match="incomplete.*re-run"):
+        C.load_couplings(out)
+    stat, blob = first.stat(), first.read_bytes()
+
+    # a second crash after the shard file was renamed into place but before the manifest recorded it
+    with pytest.raises(C.CouplingInterrupted):
+        C.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["completed"] = manifest["completed"][:1]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    second = out / "couplings-00001.safetensors"
+    stat2 = second.stat()
+
+    res = C.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
+    assert res.shards_skipped == [first.name, second.name] and res.shards_written == ["couplings-00002.safetensors"]
+    assert res.num_generated == 1
+    assert first.stat().st_mtime_ns == stat.st_mtime_ns and first.read_bytes() == blob
+    assert second.stat().st_mtime_ns == stat2.st_mtime_ns
+    assert not list(out.glob("*.tmp"))
+    cs = C.load_couplings(out)
+    assert len(cs) == 5 and cs.seed.tolist() == [0, 1, 2, 3, 4]
+    # identical to an uninterrupted run
+    C.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "ref", **kw)
+    ref = C.load_couplings(tmp_path / "ref")
+    torch.testing.assert_close(cs.tensor("boundary_states"), ref.tensor("boundary_states"), atol=0, rtol=0)
+    # finished: a rerun does nothing
+    again = C.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
+    assert again.num_generated == 0 and len(again.shards_skipped) == 3
+
+
+def test_changed_arguments_raise_a_clear_error(tiny_random_pipe, tmp_path):
+    kw = dict(num_steps=2, num_windows=1, guidance_scale=2.0, progress=False)
+    C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **kw)
+    with pytest.raises(C.CouplingArgumentsMismatch, match=r"guidance_scale: on disk 2\.0, requested 4\.0.*new output"):
+        C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **{**kw, "guidance_scale": 4.0})
+    with pytest.raises(C.CouplingArgumentsMismatch, match="prompts_sha256"):
+        C.generate_couplings(tiny_random_pipe, PROMPTS[:3], tmp_path, **kw)
+    with pytest.raises(C.CouplingArgumentsMismatch, match="solver"):
+        C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **{**kw, "solver": "dpmpp"})
+    # batch size is not an argument of the result
+    assert C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, batch_size=1, **kw).num_generated == 0
+    with pytest.raises(C.CouplingError, match="num_steps .* >= num_windows"):
+        C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path / "x", num_steps=2, num_windows=4,
+                             progress=False)
+
+
+def tiny_sdxl_pipe():
+    """An SDXL-shaped pipeline with random weights (two CLIP encoders, text_time micro-conditioning)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from stepdistill.toy import models
+    from stepdistill.toy.tokenizer import build_toy_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_toy_tokenizer()
+    kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tok.bos_token_id,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
+    sched = EulerDiscreteScheduler.from_config(models.SD_SCHEDULER_CONFIG)  # from_config drops foreign keys
+    pipe = StableDiffusionXLPipeline(vae=models.build_vae().eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**kw)).eval(),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **kw)).eval(),
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet.eval(), scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_couplings_equal_the_stock_pipeline(tmp_path):
+    """SDXL: pooled embeddings, zero unconditional row (force_zeros_for_empty_prompt) and time ids, as the stock
+    StableDiffusionXLPipeline + PiecewiseRectifiedFlowScheduler computes them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = tiny_sdxl_pipe()
+    C.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=4, num_windows=2, guidance_scale=3.0, progress=False)
+    cs = C.load_couplings(tmp_path)
+    assert cs.manifest["time_ids"] == [32, 32, 0, 0, 32, 32] and cs.pooled.shape == (3, 16)
+    assert cs.prompt_embeds[-1].abs().max() == 0 and cs.pooled[-1].abs().max() == 0
+    student = StableDiffusionXLPipeline(**pipe.components)
+    student.set_progress_bar_config(disable=True)
+    student.scheduler = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, num_windows=2)
+    out, seen = _capture(student, PROMPTS[:2], cs.tensor("noise"), 4, 3.0)
+    data = cs.tensor("data")
+    torch.testing.assert_close(data, out, atol=2e-6 * data.abs().max(), rtol=0)
+    cond = cs.conditioning(torch.tensor([1, 0]))
+    assert cond["added_cond_kwargs"]["time_ids"].shape == (2, 6) and cond["added_cond_kwargs"]["text_embeds"].shape == (2, 16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# solvers
+
+
+class PointMassUNet(torch.nn.Module):
+    """The exact denoiser of a point-mass data distribution at ``c``: its probability-flow ODE is a straight line
+    from any noise to ``c`` (every solver should land on ``c`` exactly)."""
+
+    def __init__(self, c, alphas_cumprod, prediction_type="epsilon"):
+        super().__init__()
+        self.register_buffer("c", c)
+        self.ac, self.prediction_type = alphas_cumprod, prediction_type
+        self.config = types.SimpleNamespace(in_channels=c.shape[0], sample_size=c.shape[-1])
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kw):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        abar = reflow.vp_alphas_cumprod_at(t.cpu(), self.ac).float().reshape(-1, 1, 1, 1).to(sample.device)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        eps = (sample - a * self.c) / s
+        out = eps if self.prediction_type == "epsilon" else a * eps - s * self.c
+        out = out + 0 * self.anchor
+        return types.SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+def point_mass_pipe(tiny_random_pipe, prediction_type="epsilon", seed=5):
+    c = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    p = tiny_random_pipe
+    sched = _v_pipe(p).scheduler if prediction_type == "v_prediction" else p.scheduler
+    unet = PointMassUNet(c, cs_ac(p), prediction_type)
+    return types.SimpleNamespace(unet=unet, scheduler=sched, device=torch.device("cpu"), vae_scale_factor=4,
+                                 encode_prompt=p.encode_prompt, vae=p.vae), c
+
+
+@pytest.mark.parametrize("solver", C.SOLVERS)
+def test_every_solver_is_exact_on_a_straight_teacher(tiny_random_pipe, tmp_path, solver):
+    pipe, c = point_mass_pipe(tiny_random_pipe)
+    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=5, num_windows=3, solver=solver,
+                         guidance_scale=3.0, progress=False)
+    cs = C.load_couplings(tmp_path)
+    st, b = cs.boundary_states(torch.arange(3)), cs.sigma_boundaries
+    torch.testing.assert_close(cs.tensor("data"), c.expand(3, -1, -1, -1), atol=2e-4, rtol=0)
+    for j in range(len(b)):  # every boundary state on the straight line noise -> c
+        line = c + float(b[j] / b[0]) * (st[:, 0] - c)
+        torch.testing.assert_close(st[:, j], line, atol=2e-4, rtol=0)
+
+
+def test_solver_error_decreases_with_steps_and_is_zero_against_itself(tiny_random_pipe):
+    rep = C.coupling_solver_error(tiny_random_pipe, PROMPTS[:2],
+                                  solvers=[("ddim", 3), ("ddim", 12), ("dpmpp", 12), ("euler", 12), ("ddim", 48)],
+                                  reference=("ddim", 48), guidance_scale=2.0)
+    r = {(x["solver"], x["steps"]): x for x in rep["results"]}
+    assert r[("ddim", 48)]["rmse"] < 1e-5 * rep["reference"]["data_rms"]
+    assert r[("ddim", 3)]["rmse"] > r[("ddim", 12)]["rmse"] > 0
+    assert r[("dpmpp", 12)]["rmse"] < r[("ddim", 3)]["rmse"] and r[("euler", 12)]["rmse"] < r[("ddim", 3)]["rmse"]
+    assert all(x["seconds"] > 0 and x["nfe"] == x["steps"] for x in rep["results"])
+
+
+def test_teacher_spacing_keeps_boundaries_exact(tiny_random_pipe):
+    teacher = C.TeacherFlow(tiny_random_pipe)
+    g_sigma, idx = C.coupling_grid(7, 3, teacher.sigma_max, "sigma", teacher)
+    g_teach, idx2 = C.coupling_grid(7, 3, teacher.sigma_max, "teacher", teacher)
+    assert idx == idx2 == [0, 3, 5, 7]
+    assert torch.equal(g_sigma[idx], g_teach[idx])
+    assert not torch.allclose(g_sigma, g_teach)
+    t = reflow.vp_timestep_for_sigma(g_teach[:3], teacher.alphas_cumprod).double()  # uniform in t inside window 0
+    assert (t[1] - t[0]).item() == pytest.approx((t[2] - t[1]).item(), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3-style flow-matching teachers
+
+
+def _t5_tokenizer():
+    """A T5 (unigram sentencepiece-style) tokenizer over the toy words, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    from stepdistill.toy.tokenizer import caption_word_counts
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in sorted(caption_word_counts())]
+    vocab += [(ch, -8.0) for ch in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
+def tiny_sd3_pipe(shift: float = 1.0):
+    """An SD3-shaped pipeline with random weights: SD3Transformer2DModel, a 16-channel AutoencoderKL, two tiny CLIP
+    text encoders with projection (the toy CLIP tokenizer) and a tiny T5 encoder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from stepdistill.toy.tokenizer import build_toy_tokenizer
+
+    torch.manual_seed(0)
+    tok, t5tok = build_toy_tokenizer(), _t5_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=16, hidden_act="quick_gelu", bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    te, te2 = clip(), clip()
+    te3 = T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=16, norm_num_groups=8, sample_size=16)
+    for m in (te, te2, te3, transformer, vae):
+        m.eval()  # T5's dropout is on in a freshly built model
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=te3, tokenizer_3=t5tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("solver", ["ddim", "euler"])
+def test_sd3_couplings_equal_the_stock_flowmatch_pipeline(tmp_path, solver):
+    """Flow teachers: Euler in flow space == StableDiffusion3Pipeline with the same sigmas (shift 1), at the end and
+    at every window boundary; boundary 0 is the noise itself; the uncond row is encode_prompt('')."""
+    pipe = tiny_sd3_pipe()
+    K, N, w = 3, 6, 3.0
+    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=N, num_windows=K, guidance_scale=w, solver=solver,
+                         shard_size=2, progress=False)
+    cs = C.load_couplings(tmp_path)
+    m = cs.manifest
+    assert m["teacher"] == "flow" and m["sigma_max"] == 1.0 and m["latent_shape"] == [16, 8, 8]
+    sched = PiecewiseRectifiedFlowScheduler(prediction_type="flow", num_windows=K)
+    torch.testing.assert_close(torch.tensor(m["sigma_boundaries"]).float(), sched.window_sigmas)
+    noise, data, st = cs.tensor("noise"), cs.tensor("data"), cs.boundary_states(torch.arange(3))
+    assert torch.equal(st[:, 0], noise) and torch.equal(st[:, -1], data)
+    out, seen = _capture(pipe, PROMPTS[:3], noise, N, w, sigmas=m["step_sigmas"][:-1])
+    torch.testing.assert_close(data, out, atol=1e-5, rtol=0)
+    for j, gi in enumerate(m["boundary_grid_indices"][1:], 1):
+        torch.testing.assert_close(st[:, j], seen[gi], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        e, ne, p, npool = pipe.encode_prompt(prompt=PROMPTS[:3], prompt_2=None, prompt_3=None,
+                                             do_classifier_free_guidance=True)
+    assert m["prompts"] == PROMPTS[:2]  # PROMPTS[2] repeats PROMPTS[0]
+    torch.testing.assert_close(cs.prompt_embeds, torch.cat([e[:2], ne[:1]]))
+    torch.testing.assert_close(cs.pooled, torch.cat([p[:2], npool[:1]]))
+    cond = cs.conditioning(torch.tensor([2, 0]))
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
+
+
+def test_sd3_dpmpp_converges_and_shifted_spacing(tmp_path):
+    pipe = tiny_sd3_pipe(shift=3.0)
+    rep = C.coupling_solver_error(pipe, PROMPTS[:2], solvers=[("dpmpp", 4), ("dpmpp", 16), ("ddim", 16)],
+                                  reference=("ddim", 128), guidance_scale=3.0)
+    r = [x["rmse"] for x in rep["results"]]
+    assert r[0] > r[1] and r[1] < r[2]
+    teacher = C.TeacherFlow(pipe)
+    g, idx = C.coupling_grid(8, 2, 1.0, "teacher", teacher)
+    assert g[idx].tolist() == [1.0, 0.5, 0.0]
+    u = teacher.native_clock(g[:5])  # un-shifted sigma is uniform inside window 0: the scheduler's own shift
+    torch.testing.assert_close(u[1:] - u[:-1], (u[1] - u[0]).expand(4), atol=1e-9, rtol=0)
+    torch.testing.assert_close(teacher.from_native_clock(torch.tensor([0.5], dtype=torch.float64)),
+                               torch.tensor([0.75], dtype=torch.float64))  # 3 u / (1 + 2 u)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_couple_and_solver_error(tiny_random_pipe, tmp_path, capsys):
+    import argparse
+
+    model = tmp_path / "tiny"
+    tiny_random_pipe.save_pretrained(model)
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    parser = argparse.ArgumentParser()
+    C.add_reflow_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["reflow", "couple", "--model", str(model), "--prompts", str(tmp_path / "prompts.txt"),
+                              "--out", str(tmp_path / "c"), "--steps", "2", "--windows", "2", "--guidance", "2",
+                              "--device", "cpu"])
+    args.func(args)
+    assert "2 couplings" in capsys.readouterr().out
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["model"] == str(model) and m["prompts"] == ["a red circle", "a blue square"] and m["num_windows"] == 2
+    assert set(load_file(str(tmp_path / "c" / "couplings-00000.safetensors"))) == {
+        "noise", "data", "boundary_states", "prompt_index", "seed", "guidance", "index"}
+    args = parser.parse_args(["reflow", "solver-error", "--model", str(model), "--prompts", "toy:2",
+                              "--solvers", "ddim:2,dpmpp:4", "--reference", "ddim:8", "--guidance", "2",
+                              "--device", "cpu", "--json", str(tmp_path / "err.json")])
+    args.func(args)
+    assert "dpmpp" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "err.json").read_text())["results"]) == 2
+    assert C.read_prompts("toy:3") == C.read_prompts("toy:3:0") and len(C.read_prompts("toy:3")) == 3

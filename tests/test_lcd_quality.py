@@ -1,0 +1,35 @@
+"""Issue acceptance on the embedded world: a short LCM-LoRA distillation of the committed toy teacher must
+sample far better in 4 steps than the teacher's own 4-step DDIM, and come close to its 50-step figures.
+(The full demo recipe trains longer; these margins hold for the shortened run used here.)"""
+import pytest
+
+from stepdistill.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(out, n_prompts=96, device="cpu", method="lcd", lcd_overrides={"max_train_steps": 200}), out
+
+
+def test_four_step_student_beats_four_step_teacher_and_nears_fifty(demo_report):
+    report, _ = demo_report
+    teacher50, teacher4, student4 = report["teacher"]["50"], report["teacher"]["4"], report["lcd"]["4"]
+    assert student4["prompt_accuracy"] >= teacher4["prompt_accuracy"] + 0.15
+    assert student4["toy_fid"] <= 0.6 * teacher4["toy_fid"]
+    assert student4["prompt_accuracy"] >= teacher50["prompt_accuracy"] - 0.20
+
+
+def test_demo_writes_grid_report_and_lora(demo_report):
+    import json
+
+    report, out = demo_report
+    assert (out / "grid.png").stat().st_size > 1000
+    on_disk = json.loads((out / "report.json").read_text())
+    assert set(on_disk) == {"teacher", "lcd"} and set(on_disk["lcd"]) >= {"1", "2", "4", "8"}
+    for cell in on_disk["lcd"].values():
+        if isinstance(cell, dict):
+            assert {"prompt_accuracy", "toy_fid", "sec_per_image"} <= set(cell)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()

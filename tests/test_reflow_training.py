@@ -1,0 +1,254 @@
+"""The reflow objective (stepdistill.reflow_objective) in the training loop: a few steps on a tiny random SD pipeline
+write a LoRA, resume is exact, the targets are PeRFlow's segments, and on a teacher whose couplings are exactly
+straight the trained target, the student-velocity conversion and the student scheduler agree (sign round trip)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill import couplings as C
+from stepdistill import lora_io, reflow
+from stepdistill.config import ConfigError, load_config
+from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
+from stepdistill.reflow_objective import ReflowObjective, native_loss_weight, student_velocity
+from stepdistill.training import TrainingInterrupted, train
+from test_couplings import PROMPTS, PointMassUNet, point_mass_pipe
+
+ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """tests/conftest.py sets 2 torch threads; on a 2-core machine shared with another job that oversubscribes
+    the cores (this module's ODE loops ran ~30x slower). One thread here, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_setup(tiny_random_pipe, tmp_path):
+    """A saved tiny SD pipeline and K=2 couplings from it."""
+    model = tmp_path / "tiny-sd"
+    tiny_random_pipe.save_pretrained(model)
+    C.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=4, num_windows=2,
+                         guidance_scale=3.0, model_id=str(model), progress=False)
+    return str(model), str(tmp_path / "couplings")
+
+
+def _config(model, couplings, out, **kw):
+    base = dict(method="reflow", pretrained_model=model, couplings_dir=couplings, output_dir=str(out),
+                reflow_windows=2, lora_rank=4, train_batch_size=4, max_train_steps=3, checkpointing_steps=0,
+                learning_rate=1e-3, validation_steps=0, report_to="none")
+    base.update(kw)
+    return load_config(None, **base)
+
+
+def test_reflow_training_writes_a_lora_with_its_card(tiny_setup, tmp_path):
+    model, couplings = tiny_setup
+    out = train(_config(model, couplings, tmp_path / "run", validation_prompts=["a red circle"],
+                        validation_step_counts=[2]))
+    file = out / "pytorch_lora_weights.safetensors"
+    sd, metadata, fmt = lora_io.read_lora(file)
+    assert fmt == "kohya" and len(sd) > 50 and all(torch.isfinite(v).all() for v in sd.values())
+    assert metadata["stepdistill.method"] == "reflow" and metadata["stepdistill.num_windows"] == "2"
+    card = json.loads((out / "stepdistill_card.json").read_text())
+    assert card["scheduler"] == "PiecewiseRectifiedFlowScheduler" and card["num_windows"] == 2
+    assert card["recommended_steps"] == 2 and card["recommended_guidance"] == 1.0
+    assert card["coupling_guidance"] == 3.0 and card["num_couplings"] == 5
+    assert (out / "validation" / "step-000003.png").exists()  # sampled with the PeRFlow scheduler, guidance 1
+    assert not (out / "cache").exists()  # reflow builds no image cache
+
+
+def test_reflow_resume_is_exact(tiny_setup, tmp_path):
+    model, couplings = tiny_setup
+    kw = dict(max_train_steps=4, checkpointing_steps=2, reflow_time_distribution="logit_normal")
+    full = train(_config(model, couplings, tmp_path / "full", **kw))
+    with pytest.raises(TrainingInterrupted):
+        train(_config(model, couplings, tmp_path / "crashed", **kw), interrupt_after=3)
+    resumed = train(_config(model, couplings, tmp_path / "crashed", resume_from_checkpoint="latest", **kw))
+    a = load_file(str(full / "checkpoint-4" / "lora_state.safetensors"))
+    b = load_file(str(resumed / "checkpoint-4" / "lora_state.safetensors"))
+    start = load_file(str(full / "checkpoint-2" / "lora_state.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(start[k], a[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_targets_are_the_piecewise_segments_and_windows_subsample(tiny_setup, tiny_random_pipe):
+    model, couplings = tiny_setup
+    cs = C.load_couplings(couplings)
+    obj = ReflowObjective(_config(model, couplings, "unused"), tiny_random_pipe, ACCEL)
+    assert obj.stride == 1 and torch.allclose(obj.boundaries, reflow.window_boundaries(2, obj.sigma_max))
+    idx, s, x_s, v = obj.targets(64, torch.Generator().manual_seed(0))
+    assert 0 <= float(s.min()) and float(s.max()) <= obj.sigma_max
+    b = cs.sigma_boundaries.float()
+    st = cs.boundary_states(idx)
+    k = (s <= b[1]).long()  # window 0 is (b1, b0], window 1 is [0, b1]
+    assert set(k.tolist()) == {0, 1}
+    for i in range(64):
+        z0, z1, s0, s1 = st[i, k[i]], st[i, k[i] + 1], b[k[i]], b[k[i] + 1]
+        torch.testing.assert_close(v[i], (z0 - z1) / (s0 - s1), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(x_s[i], z1 + (s[i] - s1) * (z0 - z1) / (s0 - s1), atol=1e-4, rtol=1e-5)
+    # K=1 on K=2 couplings: the chord noise -> data
+    one = ReflowObjective(_config(model, couplings, "unused", reflow_windows=1), tiny_random_pipe, ACCEL)
+    idx, s, x_s, v = one.targets(8, torch.Generator().manual_seed(1))
+    st = cs.boundary_states(idx)
+    torch.testing.assert_close(v, (st[:, 0] - st[:, 2]) / obj.sigma_max, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ConfigError, match="must divide"):
+        ReflowObjective(_config(model, couplings, "unused", reflow_windows=3), tiny_random_pipe, ACCEL)
+    with pytest.raises(ConfigError, match="couplings_dir"):
+        ReflowObjective(_config(model, None, "unused"), tiny_random_pipe, ACCEL)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("windows", [1, 2])
+def test_straight_teacher_sign_round_trip(tiny_random_pipe, tmp_path, prediction_type, windows):
+    """Point-mass teacher: its couplings are exactly straight, so (a) the teacher itself, read through the
+    objective's output->velocity conversion, has zero reflow loss (a flipped sign would not), (b) one Euler step of
+    the trained target from the noise lands on the data and (c) PiecewiseRectifiedFlowScheduler, stepping with
+    the teacher's native output, lands on it in one step too."""
+    pipe, c = point_mass_pipe(tiny_random_pipe, prediction_type)
+    C.generate_couplings(pipe, PROMPTS[:4], tmp_path, num_steps=2, num_windows=2, guidance_scale=4.0,
+                         progress=False)
+    cfg = load_config(None, method="reflow", couplings_dir=str(tmp_path), reflow_windows=windows)
+    obj = ReflowObjective(cfg, pipe, ACCEL)
+    gen = torch.Generator().manual_seed(0)
+    loss, _ = obj.loss(pipe.unet, pipe.unet, 16, gen)
+    idx, s, x_s, v = obj.targets(16, torch.Generator().manual_seed(0))
+    scale = float((v**2).mean())
+    assert float(loss) < 1e-6 * scale
+    v_student = student_velocity(pipe.unet, x_s, s, obj._cond(idx), prediction_type=prediction_type,
+                                 alphas_cumprod=obj.alphas_cumprod)
+    torch.testing.assert_close(v_student, v, atol=1e-3 * scale**0.5, rtol=1e-4)
+    assert float(reflow.reflow_loss(-v_student, v)) > scale  # the sign matters
+    # (b) Euler with the target velocity across the sample's window lands on the window's end state, and the
+    # couplings end on the teacher's data
+    cs = C.load_couplings(tmp_path)
+    st, b = cs.boundary_states(idx), obj.boundaries
+    k = reflow.window_of(s, b) if windows > 1 else torch.zeros(16, dtype=torch.long)
+    ar = torch.arange(16)
+    end = st[ar, k * obj.stride] - (b[k] - b[k + 1]).reshape(-1, 1, 1, 1) * v
+    torch.testing.assert_close(end, st[ar, (k + 1) * obj.stride], atol=1e-4, rtol=0)
+    torch.testing.assert_close(cs.tensor("data"), c.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
+    # (c) the student scheduler, 1 step from the pipeline's initial latent (the stored noise)
+    sched = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, **obj.scheduler_kwargs())
+    with pytest.warns(UserWarning) if windows > 1 else contextlib.nullcontext():
+        sched.set_timesteps(1)
+    noise = cs.tensor("noise")
+    t = sched.timesteps[0]
+    x = sched.step(pipe.unet(noise, t.expand(len(noise))).sample, t, noise).prev_sample
+    torch.testing.assert_close(x, c.expand_as(x), atol=1e-3, rtol=0)
+
+
+def test_native_weighting_equals_mse_in_output_space():
+    """w(s) * |dv|^2 == |d out|^2 for the affine output->velocity maps of every VP parametrization."""
+    g = torch.Generator().manual_seed(0)
+    x_t, out_a, out_b = (torch.randn(5, 3, generator=g) for _ in range(3))
+    s = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.93])
+    abar = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+    for pt in ("epsilon", "v_prediction", "sample"):
+        dv = reflow.velocity_from_vp_output(out_a, x_t, abar, pt) - reflow.velocity_from_vp_output(out_b, x_t, abar, pt)
+        torch.testing.assert_close(native_loss_weight(s, pt) * (dv**2).sum(1), ((out_a - out_b) ** 2).sum(1),
+                                   rtol=1e-4, atol=1e-6)
+
+
+class PointMassFlow(torch.nn.Module):
+    """A FlowMatch transformer whose data distribution is a point mass at ``c``: ``v = (z - c) / s``."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("c", c)
+        self.config = types.SimpleNamespace(in_channels=c.shape[0], sample_size=c.shape[-1])
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, pooled_projections=None, return_dict=True):
+        assert encoder_hidden_states is not None and pooled_projections is not None
+        s = (torch.as_tensor(timestep, dtype=torch.float32) / 1000).reshape(-1, 1, 1, 1)
+        return ((hidden_states - self.c) / s,)
+
+
+def test_flow_teacher_objective_and_scheduler_round_trip(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    c = torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    def encode_prompt(prompt, prompt_2=None, prompt_3=None, device=None, num_images_per_prompt=1,
+                      do_classifier_free_guidance=False):
+        e = torch.stack([torch.full((6, 8), float(len(p))) for p in prompt])
+        return e, None, e[:, 0, :4], None
+
+    pipe = types.SimpleNamespace(transformer=PointMassFlow(c), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                 device=torch.device("cpu"), vae_scale_factor=8, encode_prompt=encode_prompt,
+                                 text_encoder_3=None, vae=None)
+    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=4, num_windows=2, solver="dpmpp",
+                         guidance_scale=2.0, progress=False)
+    cs = C.load_couplings(tmp_path)
+    torch.testing.assert_close(cs.tensor("data"), c.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
+    obj = ReflowObjective(load_config(None, method="reflow", couplings_dir=str(tmp_path), reflow_windows=2), pipe,
+                          ACCEL)
+    assert obj.prediction_type == "flow" and obj.sigma_max == 1.0 and obj.resolution == 32
+    loss, _ = obj.loss(pipe.transformer, None, 8, torch.Generator().manual_seed(0))
+    assert float(loss) < 1e-8
+    sched = PiecewiseRectifiedFlowScheduler(prediction_type="flow", num_windows=2)
+    sched.set_timesteps(2)
+    x = cs.tensor("noise")
+    for t in sched.timesteps:
+        x = sched.step(pipe.transformer(x, t.expand(len(x)), **obj._cond(torch.arange(3)))[0], t, x).prev_sample
+    torch.testing.assert_close(x, c.expand_as(x), atol=1e-5, rtol=0)
+    assert native_loss_weight(torch.rand(3), "flow").eq(1).all()
+    with pytest.raises(ConfigError, match="flow/flow teacher"):  # couplings from another kind of teacher
+        ReflowObjective(load_config(None, method="reflow", couplings_dir=str(tmp_path)),
+                        types.SimpleNamespace(unet=PointMassUNet(c[:4], cs_ac_default(), "epsilon"),
+                                              scheduler=_sd_scheduler(), vae_scale_factor=4), ACCEL)
+
+
+def cs_ac_default():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+
+
+def _sd_scheduler():
+    from diffusers import PNDMScheduler
+
+    from stepdistill.toy.models import SD_SCHEDULER_CONFIG
+
+    return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
+
+
+def test_sdxl_student_velocity_runs_with_micro_conditioning(tmp_path):
+    from test_couplings import tiny_sdxl_pipe
+
+    pipe = tiny_sdxl_pipe()
+    C.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=2, num_windows=1, guidance_scale=2.0, progress=False)
+    obj = ReflowObjective(load_config(None, method="reflow", couplings_dir=str(tmp_path)), pipe, ACCEL)
+    loss, _ = obj.loss(pipe.unet, pipe.unet, 2, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and float(loss) > 0
+
+
+def test_cli_reflow_train(tiny_setup, tmp_path):
+    import argparse
+
+    model, couplings = tiny_setup
+    parser = argparse.ArgumentParser()
+    C.add_reflow_commands(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli"
+    args = parser.parse_args(["reflow", "train", f"pretrained_model={model}", f"output_dir={out}", "max_train_steps=1",
+                              "train_batch_size=2", "lora_rank=2", "report_to=none", "checkpointing_steps=0",
+                              "reflow_windows=2", "--couplings", couplings])
+    args.func(args)
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    (tmp_path / "lcd.yaml").write_text("method: lcd\n")
+    args = parser.parse_args(["reflow", "train", str(tmp_path / "lcd.yaml"), "--couplings", couplings])
+    with pytest.raises(ConfigError, match="not a reflow one"):
+        args.func(args)

@@ -1,0 +1,219 @@
+"""Style LoRA + acceleration LoRA stacking: the style renders and the style-strength proxy, adapter weights in a
+stack, and (with the committed toy teacher and adapters) that a 4-step accelerated sample keeps the style."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill import lora_io, stacking, style
+from stepdistill.toy import scenes as S
+
+
+# ----------------------------------------------------------------------------------------------- style renders
+
+
+def test_unstyled_render_is_exactly_scenes_render():
+    a, sa = S.sample_scenes(64, seed=11)
+    b, sb = style.sample_styled_scenes(64, 11, style="none")
+    assert sa == sb and np.array_equal(a, b)
+    for name in ("hollow", "outline"):
+        c, sc = style.sample_styled_scenes(64, 11, style=name)
+        assert sc == sa and not np.array_equal(a, c)
+        # only pixels near/inside the shape change: most of the background is untouched
+        same = np.abs(a.astype(int) - c.astype(int)).max(-1) == 0
+        assert 0.6 < same.mean() < 0.99, name
+
+
+def test_hollow_strength_separates_styled_from_unstyled_renders():
+    plain, scenes = style.sample_styled_scenes(300, 5, style="none")
+    styled, _ = style.sample_styled_scenes(300, 5, style="hollow")
+    s_plain, s_styled = style.style_strength_per_image(plain), style.style_strength_per_image(styled)
+    assert s_plain.mean() < 0.1 and s_styled.mean() > 0.7
+    shapes = np.array([s.shape for s in scenes])
+    for shape in ("circle", "square"):  # hollow centres read as background, solid ones as the shape colour
+        m = shapes == shape
+        assert s_styled[m].mean() > 0.9 and s_plain[m].mean() < 0.1, shape
+    for bg in S.BACKGROUNDS:
+        m = np.array([s.background == bg for s in scenes])
+        assert s_styled[m].mean() > 0.6 and s_plain[m].mean() < 0.1, bg
+    blank = np.full((1, 32, 32, 3), 240, np.uint8)  # nothing drawn -> 0
+    assert style.style_strength(blank) == 0.0
+
+
+def test_outline_strength_separates_styled_from_unstyled_renders():
+    plain, scenes = style.sample_styled_scenes(300, 5, style="none")
+    styled, _ = style.sample_styled_scenes(300, 5, style="outline")
+    s_plain = style.style_strength_per_image(plain, "outline")
+    s_styled = style.style_strength_per_image(styled, "outline")
+    assert s_plain.mean() < 0.02 and s_styled.mean() > 0.75
+    for bg in S.BACKGROUNDS:  # the ink flips to white on black: every background is measured
+        m = np.array([s.background == bg for s in scenes])
+        assert s_styled[m].mean() > 0.7, bg
+
+
+def test_the_style_keeps_the_scene_readable():
+    """The classifier that scores prompt accuracy still reads most styled scenes (hollow crosses/triangles
+    are its hardest case), so accuracy stays a meaningful second axis."""
+    from stepdistill import metrics
+
+    styled, scenes = style.sample_styled_scenes(300, 7, style="hollow")
+    acc = metrics.prompt_accuracy(styled, [s.caption for s in scenes])
+    assert acc["prompt_accuracy"] > 0.75 and acc["acc_color"] > 0.95 and acc["acc_background"] > 0.95
+
+
+# ----------------------------------------------------------------------------------------------- stacking mechanics
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random SD-shaped pipeline saved as a directory (what train_style_lora / load_pipeline take)."""
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.toy import models
+    from stepdistill.toy.tokenizer import build_toy_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_toy_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=models.build_vae(), text_encoder=models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id,
+                                                                       tok.pad_token_id),
+        tokenizer=tok, unet=models.build_unet(), scheduler=models.build_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    d = tmp_path_factory.mktemp("tiny") / "pipe"
+    pipe.save_pretrained(str(d))
+    return str(d)
+
+
+def test_train_style_lora_writes_a_loadable_style_adapter(tiny_dir, tmp_path):
+    from stepdistill.sampling import load_pipeline
+
+    recipe = style.StyleRecipe(n_images=64, steps=6, batch_size=4, rank=4, learning_rate=1e-2)
+    path = style.train_style_lora(tiny_dir, tmp_path / "style", recipe, log_every=0)
+    sd, md, fmt = lora_io.read_lora(path)
+    assert fmt == "kohya" and md["stepdistill.method"] == "style" and md["stepdistill.style"] == "hollow"
+    layers = lora_io.read_lora_layers(path)
+    assert len(layers) == 115 and max(u.abs().max().item() for _, u, _ in layers.values()) > 0  # it trained
+    pipe = load_pipeline(tiny_dir, device="cpu")
+    info = stacking.load_stack(pipe, {"style": path})  # stock load + layer-by-layer check
+    assert info["style"]["method"] == "style"
+
+
+def _unet_out(pipe):
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([900, 300]), ctx).sample
+
+
+def test_stack_weights_zero_is_exactly_off_and_weights_add(tiny_dir, tmp_path):
+    from stepdistill.sampling import load_pipeline
+
+    files = {}
+    for i, name in enumerate(("accel", "style")):
+        p = load_pipeline(tiny_dir, device="cpu")
+        lora_io.add_lora_to_unet(p.unet, 4)
+        g = torch.Generator().manual_seed(10 + i)
+        for m in p.unet.modules():
+            if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):
+                m.lora_B["default"].weight.data.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * .05)
+        files[name] = lora_io.save_lora(tmp_path / name, p.unet, dtype=torch.float32)
+    base = _unet_out(load_pipeline(tiny_dir, device="cpu"))
+    pipe = load_pipeline(tiny_dir, device="cpu")
+    stacking.load_stack(pipe, files)
+    names = ["accel", "style"]
+    stacking.set_stack_weights(pipe, names, {})
+    assert torch.equal(_unet_out(pipe), base)
+    stacking.set_stack_weights(pipe, names, {"accel": 1.0})
+    only_accel = _unet_out(pipe)
+    stacking.set_stack_weights(pipe, names, {"style": 1.0})
+    only_style = _unet_out(pipe)
+    stacking.set_stack_weights(pipe, names, {"accel": 1.0, "style": 1.0})
+    both = _unet_out(pipe)
+    assert (only_accel - base).abs().max() > 1e-2 and (only_style - base).abs().max() > 1e-2
+    assert (both - only_accel).abs().max() > 1e-2 and (both - only_style).abs().max() > 1e-2
+    stacking.set_stack_weights(pipe, names, {"accel": 0.5})
+    half = _unet_out(pipe)
+    assert 0.2 < ((half - base).norm() / (only_accel - base).norm()).item() < 0.8
+
+
+def test_recommend_maximises_the_weaker_retention():
+    def cell(label, a, w, s, acc):
+        return {"label": label, "weights": {k: v for k, v in (("accel", a), ("style", w)) if v},
+                "style_strength": s, "prompt_accuracy": acc}
+
+    results = [cell("style 1", 0, 1, 0.6, 0.8), cell("x", 1, 0.5, 0.3, 0.8), cell("y", 1, 1, 0.55, 0.7),
+               cell("z", 1, 1.25, 0.7, 0.4), cell("accel 1", 1, 0, 0.0, 0.9)]
+    best = stacking.recommend(results, "style 1")
+    assert best["label"] == "y" and best["style_weight"] == 1 and best["accel_weight"] == 1
+    assert best["score"] == pytest.approx(0.7 / 0.8)
+
+
+# ----------------------------------------------------------------------------------------------- the guard
+
+
+def _adapter(env: str, default: Path) -> Path | None:
+    p = Path(os.environ.get(env, default))
+    p = p / lora_io.LORA_WEIGHT_NAME if p.is_dir() else p
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def toy_style_lora(tmp_path_factory):
+    """The committed hollow-style LoRA (``STEPDISTILL_STYLE_LORA`` or ``stepdistill/toy/weights/style-hollow``),
+    else a short one trained here on the toy teacher (150 steps, ~1 min on one CPU core)."""
+    from stepdistill.toy.world import TOY_TEACHER_DIR
+
+    if not (TOY_TEACHER_DIR / "model_index.json").exists():
+        pytest.skip(f"the toy teacher is not in {TOY_TEACHER_DIR}")
+    found = _adapter("STEPDISTILL_STYLE_LORA", stacking.TOY_STYLE_LORA.parent)
+    if found is not None:
+        return found
+    recipe = style.StyleRecipe(steps=150, n_images=2000)
+    return style.train_style_lora("toy", tmp_path_factory.mktemp("style"), recipe, log_every=0)
+
+
+GUARD_PROMPTS = 32
+
+
+def test_style_lora_puts_the_style_on_the_teacher(toy_style_lora):
+    """Guided DDIM with the style LoRA: hollow shapes, measurably, while the prompt is still followed."""
+    from stepdistill.sampling import load_pipeline
+    from stepdistill.toy.world import evaluation_prompts
+
+    pipe = load_pipeline("toy", device="cpu")
+    stacking.load_stack(pipe, {"style": toy_style_lora})
+    prompts = evaluation_prompts(GUARD_PROMPTS, seed=1)
+    base, _ = stacking.evaluate_cell(pipe, ["style"], prompts, stacking.Cell("b", "ddim", 20, 5.0, {}), fid=False)
+    styled, _ = stacking.evaluate_cell(pipe, ["style"], prompts, stacking.Cell("s", "ddim", 20, 5.0, {"style": 1.0}),
+                                       fid=False)
+    assert base["style_strength"] < 0.2
+    assert styled["style_strength"] > base["style_strength"] + 0.2
+    assert styled["prompt_accuracy"] > 0.5
+
+
+def test_accelerated_stack_keeps_the_style_with_a_margin(toy_style_lora):
+    """4 LCM steps with accel + style LoRA keep the hollow style measurably; the accel LoRA alone draws solid
+    shapes. Needs an acceleration LoRA for the toy teacher: ``STEPDISTILL_ACCEL_LORA`` or
+    ``stepdistill/toy/weights/lcm-lora`` (``stepdistill distill --config configs/toy-lcm-lora.yaml``)."""
+    accel = _adapter("STEPDISTILL_ACCEL_LORA", stacking.TOY_ACCEL_LORA.parent)
+    if accel is None:
+        pytest.skip("needs an acceleration LoRA for the toy teacher (set STEPDISTILL_ACCEL_LORA or commit one to "
+                    f"{stacking.TOY_ACCEL_LORA.parent})")
+    from stepdistill.sampling import load_pipeline
+    from stepdistill.toy.world import evaluation_prompts
+
+    pipe = load_pipeline("toy", device="cpu")
+    stacking.load_stack(pipe, {"accel": accel, "style": toy_style_lora})
+    prompts = evaluation_prompts(GUARD_PROMPTS, seed=1)
+    names = ["accel", "style"]
+    accel_only, _ = stacking.evaluate_cell(pipe, names, prompts, stacking.Cell("a", "lcm", 4, 1.0, {"accel": 1.0}),
+                                           fid=False)
+    both, _ = stacking.evaluate_cell(pipe, names, prompts,
+                                     stacking.Cell("a+s", "lcm", 4, 1.0, {"accel": 1.0, "style": 1.0}), fid=False)
+    assert accel_only["style_strength"] < 0.2
+    assert both["style_strength"] > accel_only["style_strength"] + 0.15
+    assert both["prompt_accuracy"] > 0.4
