@@ -61,8 +61,6 @@ def lcd_scheduler(pipe):
 def format_report(report: dict) -> str:
     lines = [f"{'method':8s} {'steps':>5s} {'prompt_acc':>10s} {'toy_fid':>8s} {'s/img':>8s}"]
     for method, cells in report.items():
-        if not isinstance(cells, dict) or "train_seconds" in cells and len(cells) == 1:
-            continue
         for steps, c in sorted(((k, v) for k, v in cells.items() if k.isdigit()), key=lambda kv: -int(kv[0])):
             extra = f" straightness {c['straightness']:.4f}" if "straightness" in c else ""
             lines.append(f"{method:8s} {steps:>5s} {c['prompt_accuracy']:10.3f} {c['toy_fid']:8.2f} "
@@ -115,7 +113,16 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
     grid = image_grid(grid_rows, row_labels=labels, col_labels=[p.replace("a ", "", 1) for p in prompts[:grid_prompts]],
                       scale=3)
     grid.save(out / "grid.png")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    report_path = out / "report.json"
+    if report_path.exists():  # keep the other methods' entries of an earlier run into the same DIR
+        try:
+            earlier = json.loads(report_path.read_text())
+        except json.JSONDecodeError:
+            earlier = {}
+        report = {**{k: v for k, v in earlier.items() if k not in report}, **report}
+    tmp = report_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(report_path)
     text = format_report(report)
     (out / "report.txt").write_text(text + "\n")
     print(text)

@@ -253,24 +253,15 @@ def apply_sampler(pipe, sampler: str, steps: int, num_windows: int | None = None
     return pipe
 
 
-STEP_NOISE_SEED_OFFSET = 10_000_019
+from .sampling import STEP_NOISE_SEED_OFFSET  # noqa: E402,F401  (re-exported)
 
 
 def seeded_generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0, batch_size: int = 64,
                     **pipe_kwargs):
-    """:func:`stepdistill.sampling.generate` plus one ``torch.Generator`` per image for the noise that
-    stochastic samplers (LCM's multi-step sampling, TCD with ``eta > 0``) inject between steps: image ``i``
-    uses seed ``STEP_NOISE_SEED_OFFSET + seed + i`` (a stream apart from its initial noise, seed ``seed + i``).
-    Without it that noise comes from the global RNG and a rerun gives other images."""
-    images, seconds = [], 0.0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        gens = [torch.Generator().manual_seed(STEP_NOISE_SEED_OFFSET + seed + start + i) for i in range(len(chunk))]
-        imgs, sec = generate(pipe, chunk, steps=steps, guidance=guidance, seed=seed + start, batch_size=len(chunk),
-                             generator=gens, **pipe_kwargs)
-        images.append(imgs)
-        seconds += sec * len(chunk)
-    return np.concatenate(images), seconds / len(prompts)
+    """:func:`stepdistill.sampling.generate`, which seeds both the initial noise (image ``i``: ``seed + i``) and
+    the noise stochastic samplers (LCM multi-step, TCD with ``eta > 0``) inject between steps
+    (``STEP_NOISE_SEED_OFFSET + seed + i``), so a rerun gives the same images."""
+    return generate(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, **pipe_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+STEP_NOISE_SEED_OFFSET = 10_000_019  # image i's between-step sampler noise uses seed + i + this offset
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "lcm": "LCMScheduler",
@@ -73,7 +75,7 @@ def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         # per-image generators also seed the noise that stochastic samplers (LCM, TCD) inject between steps
-        generators = [torch.Generator().manual_seed(seed + start + i + 10_000_019) for i in range(len(chunk))]
+        generators = [torch.Generator().manual_seed(seed + start + i + STEP_NOISE_SEED_OFFSET) for i in range(len(chunk))]
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, generator=generators,
                    output_type="np", height=height, width=width, **pipe_kwargs).images
         if device.type == "cuda":

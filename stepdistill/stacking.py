@@ -197,12 +197,14 @@ def stack_markdown(report: dict) -> str:
 SHIFTS = {
     "large": (lambda s: s.size == "large", "only large shapes"),
     "black-bg": (lambda s: s.background == "black", "only black backgrounds"),
+    "all": (lambda s: True, "all scenes"),
 }
 
 
 @dataclass
 class FinetuneRecipe:
     shift: str = "large"
+    style: str = "none"          # render the fine-tune data in a style (e.g. "hollow": a stylised checkpoint)
     n_images: int = 3000
     data_seed: int = 9500
     steps: int = 300
@@ -230,7 +232,7 @@ def finetune_base(base: str, out_dir: str | Path, recipe: FinetuneRecipe = Finet
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed + 23)
     pipe = load_pipeline(base, device=device, dtype=torch.float32)
-    images, scenes = sample_styled_scenes(recipe.n_images, recipe.data_seed, style="none",
+    images, scenes = sample_styled_scenes(recipe.n_images, recipe.data_seed, style=recipe.style,
                                           where=SHIFTS[recipe.shift][0])
     with torch.no_grad():
         lat_mean, lat_std = encode_pool(pipe.vae, images_to_tensor(images).to(device))
@@ -271,9 +273,22 @@ def finetune_base(base: str, out_dir: str | Path, recipe: FinetuneRecipe = Finet
     out = Path(out_dir)
     pipe.save_pretrained(str(out), safe_serialization=True)
     (out / "stepdistill_finetune.json").write_text(json.dumps(
-        {**asdict(recipe), "base": base, "description": SHIFTS[recipe.shift][1],
+        {**asdict(recipe), "base": base,
+         "description": SHIFTS[recipe.shift][1] + ("" if recipe.style == "none" else f", rendered {recipe.style}"),
          "train_seconds": round(time.perf_counter() - t0, 1), "final_loss": float(np.mean(losses[-50:]))}, indent=1))
     return out
+
+
+def relative_weight_change(base: str, finetuned: str) -> float:
+    """``||W_ft - W_base|| / ||W_base||`` over all UNet weights: how far the fine-tune moved."""
+    import torch
+
+    from .export import load_component
+
+    a, b = load_component(base).state_dict(), load_component(finetuned).state_dict()
+    num = sum((b[k].float() - v.float()).pow(2).sum() for k, v in a.items())
+    den = sum(v.float().pow(2).sum() for v in a.values())
+    return float(torch.sqrt(num / den))
 
 
 def _size_share(images, size: str = "large") -> float:
@@ -294,7 +309,7 @@ def transfer_eval(base: str, finetuned: str, accel_lora: str, out_dir: str | Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = evaluation_prompts(n_prompts, seed=seed)
-    results, rows = [], {}
+    results, rows, all_images = [], {}, {}
     for model_label, model in (("fine-tune", finetuned), ("base", base)):
         pipe = load_pipeline(model, device=device)
         load_stack(pipe, {"accel": accel_lora})
@@ -305,27 +320,36 @@ def transfer_eval(base: str, finetuned: str, accel_lora: str, out_dir: str | Pat
             r, images = evaluate_cell(pipe, ["accel"], prompts, cell, seed=seed)
             r["share_large"] = _size_share(images)
             r["model"] = model
+            all_images[cell.label] = images
             results.append(r)
             rows[cell.label] = images[:grid_prompts]
             print(f"{cell.label:28s} acc {r['prompt_accuracy']:.3f} toy-FID {r['toy_fid']:.2f} "
                   f"large {r['share_large']:.3f}", flush=True)
+    for r in results:  # how far each cell's images are from the same-seed images of the base's own cell
+        twin = r["label"].replace("fine-tune", "base")
+        r["mean_abs_pixel_diff_vs_base"] = float(np.abs(all_images[r["label"]].astype(np.float64)
+                                                        - all_images[twin].astype(np.float64)).mean() / 255)
     prompt_large = float(np.mean(["large" in p for p in prompts]))
     info = {}
     ft_card = Path(finetuned) / "stepdistill_finetune.json"
     if ft_card.exists():
         info = json.loads(ft_card.read_text())
+    info["relative_weight_change"] = relative_weight_change(base, finetuned)
     report = {"base": base, "finetuned": finetuned, "finetune": info, "accel_lora": str(accel_lora),
               "n_prompts": n_prompts, "share_large_prompts": prompt_large, "seed": seed, "guidance": guidance,
               "cells": results}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     lines = ["# Transfer of an acceleration LoRA to a fine-tuned base (toy world)", "",
              f"Fine-tune of `{base}`: {info.get('description', '?')}, {info.get('steps', '?')} full-UNet steps "
-             f"(batch {info.get('batch_size', '?')}, lr {info.get('learning_rate', '?')}). Acceleration LoRA "
-             f"`{accel_lora}` applied unchanged. {n_prompts} prompts, {prompt_large:.2f} of them ask for large shapes.",
-             "", "| cell | prompt acc | toy-FID | share classified large | s/img |", "|---|---|---|---|---|"]
+             f"(batch {info.get('batch_size', '?')}, lr {info.get('learning_rate', '?')}; relative weight change "
+             f"{info.get('relative_weight_change', float('nan')):.4f}). Acceleration LoRA `{accel_lora}` applied "
+             f"unchanged. {n_prompts} prompts, {prompt_large:.2f} of them ask for large shapes. Pixel diff: mean "
+             "|image - same-seed image of the base in the same cell| (0..1).",
+             "", "| cell | prompt acc | toy-FID | share classified large | hollow-style strength | pixel diff vs base "
+                 "| s/img |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['label']} | {r['prompt_accuracy']:.3f} | {r['toy_fid']:.2f} | {r['share_large']:.3f} | "
-                     f"{r['sec_per_image']:.4f} |")
+                     f"{r['style_strength']:.3f} | {r['mean_abs_pixel_diff_vs_base']:.4f} | {r['sec_per_image']:.4f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     grid = image_grid(list(rows.values()), row_labels=list(rows),
                       col_labels=[p.replace("a ", "", 1) for p in prompts[:grid_prompts]], scale=3)
@@ -362,7 +386,8 @@ def cmd_transfer_eval(args):
     finetuned = args.finetuned
     if finetuned is None:
         finetuned = str(finetune_base(args.base, Path(args.out) / "finetuned",
-                                      FinetuneRecipe(shift=args.shift, steps=args.finetune_steps, seed=args.seed),
+                                      FinetuneRecipe(shift=args.shift, style=args.finetune_style,
+                                                     steps=args.finetune_steps, seed=args.seed),
                                       device=args.device or "cpu"))
     transfer_eval(args.base, finetuned, args.accel, args.out, n_prompts=args.num_prompts, steps=args.steps,
                   seed=args.seed, device=args.device or "cpu")
@@ -401,6 +426,8 @@ def add_stacking_commands(subparsers):
     r.add_argument("--accel", required=True)
     r.add_argument("--finetuned", default=None, help="fine-tuned pipeline dir (default: fine-tune --base now)")
     r.add_argument("--shift", default="large", choices=sorted(SHIFTS))
+    r.add_argument("--finetune-style", default="none", choices=["none", "hollow"],
+                   help="render the fine-tune data in a style (a stylised checkpoint)")
     r.add_argument("--finetune-steps", type=int, default=300)
     r.add_argument("--out", default="out/transfer")
     r.add_argument("--num-prompts", type=int, default=96)

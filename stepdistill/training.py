@@ -216,10 +216,13 @@ def model_card_markdown(card: dict) -> str:
              f"A {card['method_name']} LoRA for `{card['base_model']}`, trained with stepdistill.", "",
              "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in card.items() if k not in ("title",)]
-    lines += ["", "```python", "from diffusers import DiffusionPipeline, " + card["scheduler"],
+    module = card.get("scheduler_module", "diffusers")
+    kwargs = "".join(f", {k}={v!r}" for k, v in (card.get("scheduler_kwargs") or {}).items())
+    lines += ["", "```python", "from diffusers import DiffusionPipeline",
+              f"from {module} import {card['scheduler']}",
               f"pipe = DiffusionPipeline.from_pretrained({card['base_model']!r})",
               "pipe.load_lora_weights('.')  # pytorch_lora_weights.safetensors (kohya layout)",
-              f"pipe.scheduler = {card['scheduler']}.from_config(pipe.scheduler.config)",
+              f"pipe.scheduler = {card['scheduler']}.from_config(pipe.scheduler.config{kwargs})",
               f"image = pipe(prompt, num_inference_steps={card['recommended_steps']}, "
               f"guidance_scale={card['recommended_guidance']}).images[0]", "```", ""]
     return "\n".join(lines)

@@ -26,9 +26,8 @@ def tiny_sdxl_dir(tmp_path):
     te_cfg = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                   vocab_size=len(tok), projection_dim=32, max_position_embeddings=77)
-    sched_cfg = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
     pipe = StableDiffusionXLPipeline(
-        vae=vae, unet=unet, scheduler=EulerDiscreteScheduler(**sched_cfg),
+        vae=vae, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG),
         text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)), tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg)), tokenizer_2=tok)
     path = tmp_path / "tiny-sdxl"

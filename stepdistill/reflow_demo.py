@@ -1,0 +1,87 @@
+"""The reflow part of ``stepdistill demo``: teacher couplings on toy prompts, reflow LoRA training, and
+evaluation at 8/4/2/1 steps with ``PiecewiseRectifiedFlowScheduler``, plus the straightness (Rectified Flow,
+Sec. 2.3) of the student's and the teacher's trajectories under the same flow sampler."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import metrics, reflow
+from .sampling import generate, load_loras_into_pipeline, load_pipeline
+from .toy.world import TOY_GUIDANCE, evaluation_prompts
+
+TOY_REFLOW_RECIPE = dict(
+    method="reflow", pretrained_model="toy", lora_rank=16, learning_rate=1e-3, lr_warmup_steps=20,
+    lr_scheduler="constant_with_warmup", train_batch_size=32, max_train_steps=400, reflow_windows=2,
+    checkpointing_steps=200, checkpoints_total_limit=1, validation_steps=0, seed=0,
+)
+TOY_COUPLINGS = dict(n=2048, num_steps=24, solver="ddim", windows=2, seed=1)
+
+
+def flow_scheduler(pipe, num_windows: int):
+    from .flow_scheduler import PiecewiseRectifiedFlowScheduler
+
+    pipe.scheduler = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, num_windows=num_windows)
+
+
+@torch.no_grad()
+def trajectory_straightness(pipe, prompts, steps: int, guidance: float, seed: int = 0) -> float:
+    """Straightness of the sampler's path in flow coordinates (0 = straight at constant speed)."""
+    states = []
+
+    def record(p, i, t, kwargs):
+        states.append(kwargs["latents"].detach().clone())
+        return kwargs
+
+    unet = pipe.unet
+    noise = torch.cat([torch.randn((1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
+                                   generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(), output_type="latent",
+         callback_on_step_end=record)
+    sched = pipe.scheduler
+    sigmas = sched.sigmas.cpu().double()  # flow times of the initial state and after each step (ends at 0)
+    vp = [noise] + states  # VP states x_t; convert to flow states z = x_t * n(s), n = sqrt((1-s)^2 + s^2)
+    flow = [x.double() * torch.sqrt((1 - s) ** 2 + s ** 2) for x, s in zip(vp, sigmas)]
+    return reflow.straightness(flow, sigmas[:len(flow)])
+
+
+def run_reflow_demo(out: Path, prompts, device=None, seed: int = 0, train_steps: int | None = None):
+    from .config import load_config
+    from .couplings import generate_couplings
+    from .training import train
+
+    teacher = load_pipeline("toy", device=device)
+    c = TOY_COUPLINGS
+    t0 = time.perf_counter()
+    result = generate_couplings(teacher, evaluation_prompts(c["n"], seed=c["seed"]), out / "couplings",
+                                num_steps=c["num_steps"], solver=c["solver"], guidance_scale=TOY_GUIDANCE,
+                                num_windows=c["windows"], seed=c["seed"] * 100_000, model_id="toy")
+    couple_seconds = time.perf_counter() - t0
+    recipe = {**TOY_REFLOW_RECIPE, "output_dir": str(out / "lora-reflow"), "couplings_dir": str(out / "couplings")}
+    if train_steps:
+        recipe["max_train_steps"] = train_steps
+    t0 = time.perf_counter()
+    lora_dir = train(load_config(None, **recipe))
+    train_seconds = time.perf_counter() - t0
+
+    K = recipe["reflow_windows"]
+    sub = prompts[:32]
+    flow_scheduler(teacher, K)
+    teacher_straightness = trajectory_straightness(teacher, sub, 8, TOY_GUIDANCE, seed)
+    student = load_pipeline("toy", device=device)
+    load_loras_into_pipeline(student, [(str(lora_dir), 1.0)])
+    flow_scheduler(student, K)
+    cells, rows = {}, {}
+    for steps in (8, 4, 2, 1):
+        images, sec = generate(student, prompts, steps=steps, guidance=1.0, seed=seed)
+        cells[str(steps)] = {**metrics.toy_metrics(images, prompts), "sec_per_image": sec}
+        rows[steps] = images
+    s = trajectory_straightness(student, sub, 8, 1.0, seed)
+    for cell in cells.values():
+        cell["straightness"] = s
+    cells.update(teacher_straightness=teacher_straightness, couplings=result.num_generated,
+                 couplings_per_second=result.couplings_per_second, couple_seconds=couple_seconds,
+                 train_seconds=train_seconds)
+    return cells, rows
