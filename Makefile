@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out/demo
+METHOD ?= lcd
 
 .PHONY: install demo test bench clean
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/stepdistill demo --out $(OUT)
+	$(VENV)/bin/stepdistill demo --out $(OUT) --method $(METHOD)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -20,17 +20,28 @@ def cmd_sample(args):
     pipe = load_pipeline(args.model, device=args.device)
     guidance = args.guidance
     scheduler = args.scheduler
-    if args.lora:
+    loras = [_parse_lora(s) for s in args.lora]
+    if loras:
         from .sampling import load_loras_into_pipeline
 
-        methods = load_loras_into_pipeline(pipe, [_parse_lora(s) for s in args.lora], fuse=args.fuse)
+        methods = load_loras_into_pipeline(pipe, loras, fuse=args.fuse)
         if scheduler is None and "lcd" in methods:
             scheduler = "lcm"
+        elif scheduler is None and "reflow" in methods:
+            scheduler = "perflow"
         if guidance is None and methods:
             guidance = 1.0
     scheduler = scheduler or "ddim"
     guidance = TOY_GUIDANCE if guidance is None else guidance
-    set_scheduler(pipe, scheduler, **({"trailing": args.steps < 25} if scheduler == "ddim" else {}))
+    if scheduler == "perflow":  # the straightened student's sampler, windows from the reflow LoRA's header
+        from .evaluate import apply_sampler
+        from .lora_io import _resolve_file, read_lora
+
+        windows = [read_lora(_resolve_file(path))[1].get("stepdistill.num_windows") for path, _ in loras]
+        windows = [int(w) for w in windows if w]
+        apply_sampler(pipe, "perflow", args.steps, windows[0] if windows else None)
+    else:
+        set_scheduler(pipe, scheduler, **({"trailing": args.steps < 25} if scheduler == "ddim" else {}))
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     images, sec = generate(pipe, prompts, steps=args.steps, guidance=guidance, seed=args.seed)
     grid = image_grid([images], scale=args.scale)
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 5 for the toy teacher, 1 with an acceleration LoRA)")
-    s.add_argument("--scheduler", default=None, help="ddim, lcm, tcd, euler, dpmpp, pndm, flow_euler")
+    s.add_argument("--scheduler", default=None, help="ddim, lcm, tcd, perflow, euler, dpmpp, pndm, flow_euler (default: from the LoRA: lcm for LCD, perflow for reflow)")
     s.add_argument("--lora", action="append", default=[], help="PATH[:WEIGHT]; repeat to stack adapters")
     s.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights (faster sampling)")
     s.add_argument("--num-images", type=int, default=4, help="images per prompt")
@@ -100,8 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may also come after options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow an option (`reflow train CFG --couplings DIR max_train_steps=10`), which
+    # argparse alone does not take for a second positional list: collect them; anything else is an error
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.func(args)
 
 

@@ -14,9 +14,25 @@ Everything runs in diffusers' flow convention (see :mod:`stepdistill.reflow`): f
   The ODE starts at ``s = sigma_max = vp_sigma_max(alphas_cumprod)`` (~0.936 for SD, the last training
   timestep) from the VP latent ``x_T = noise ~ N(0, I)``, exactly as a diffusers pipeline starts
   (``init_noise_sigma = 1``); its flow state there is ``z = sqrt((1-s_max)^2 + s_max^2) * noise``.
-* Flow-matching teachers (SD3-style: a ``transformer`` with a ``FlowMatchEulerDiscreteScheduler``): the
-  transformer predicts the velocity from ``(z, timestep = s * num_train_timesteps)`` directly; the ODE starts
-  at ``s = 1`` from ``z = noise``.
+* Flow-matching teachers (a ``transformer`` with a ``FlowMatchEulerDiscreteScheduler``): the transformer
+  predicts the velocity directly; the ODE starts at ``s = 1`` from ``z = noise``
+  (:func:`flow_transformer_velocity` holds the calling conventions of both families):
+
+  - SD3 (``SD3Transformer2DModel``): ``timestep = s * num_train_timesteps``, ``pooled_projections``;
+    classifier-free guidance as ``StableDiffusion3Pipeline`` (``guidance_scale``, the empty prompt as uncond).
+  - FLUX.1 (``FluxTransformer2DModel``): ``timestep = s`` (the model scales by 1000 itself), latents packed
+    into 2x2 patches (``(B, H/2 * W/2, 4C)`` tokens, :func:`pack_flux_latents` = ``FluxPipeline._pack_latents``)
+    with ``img_ids`` / ``txt_ids`` as ``FluxPipeline`` builds them. There is no CFG: ``guidance_scale`` is the
+    *embedded* distilled guidance for models with ``guidance_embeds`` (FLUX.1-dev-like; stored, and fed to the
+    student in training) and must be 1 for models without it (FLUX.1-schnell-like). ``FluxPipeline``'s true CFG
+    (``true_cfg_scale`` with a negative prompt) is not supported for couplings. All stored latents (noise,
+    data, boundary states) are *unpacked* ``(C, H, W)``, the VAE's layout and the shape ``FluxPipeline``
+    draws its noise in; packing happens only at the transformer call.
+
+  The scheduler's ``shift`` (static, or FLUX's resolution-dependent ``use_dynamic_shifting`` with
+  ``mu = calculate_shift(image_seq_len)``, ``image_seq_len`` = the number of image tokens) only places the
+  sampling steps; the velocity field ``v(z, s)`` does not depend on it. So the couplings depend on it only
+  through ``spacing="teacher"``.
 
 Step grid and exact boundary states
 -----------------------------------
@@ -26,7 +42,8 @@ boundary as a step point (``num_steps >= K``; window k gets ``num_steps // K`` s
 ``num_steps % K`` windows one more, as ``PiecewiseRectifiedFlowScheduler.window_aligned_sigmas``), so the
 recorded boundary states are the solver's own states at exactly those flow times: no interpolation. Inside a
 window the steps are uniform in ``s`` (``spacing="sigma"``, the student scheduler's grid) or in the teacher's
-native clock (``spacing="teacher"``: the VP timestep, or the shifted sigma of a FlowMatch scheduler).
+native clock (``spacing="teacher"``: the VP timestep, or the shifted sigma of a FlowMatch scheduler, with the
+dynamic shift ``exp(mu)`` -- ``mu`` for ``time_shift_type="linear"`` -- at the couplings' resolution).
 
 Solvers (all on that grid, one guided model evaluation per step):
 
@@ -44,13 +61,13 @@ Storage (``out_dir``)
   full step grid, the shard list and the completed shards, the conventions in words.
 * ``embeddings.safetensors``: ``prompt_embeds`` per distinct prompt (first-appearance order) and the
   unconditional embedding as the last row (the empty prompt, or zeros where the pipeline uses zeros:
-  SDXL's ``force_zeros_for_empty_prompt``); ``pooled`` for SDXL/SD3. Computed with ``pipe.encode_prompt``, so
-  training never runs a text encoder.
+  SDXL's ``force_zeros_for_empty_prompt``); ``pooled`` for SDXL/SD3/FLUX. Computed with ``pipe.encode_prompt``
+  (the pipeline's default ``max_sequence_length``), so training never runs a text encoder.
 * ``couplings-NNNNN.safetensors`` (``shard_size`` couplings each), per coupling ``i``:
 
   - ``noise`` ``(C, H, W)``: the Gaussian draw ``torch.randn(generator=torch.Generator().manual_seed(seed + i))``
-    (the ``latents`` a diffusers pipeline would start from; also :func:`stepdistill.sampling.generate`'s noise
-    for image ``i``);
+    (the ``latents`` a diffusers pipeline would start from -- for ``FluxPipeline`` after
+    :func:`pack_flux_latents`; also :func:`stepdistill.sampling.generate`'s noise for image ``i``);
   - ``data`` ``(C, H, W)``: the ODE's endpoint at ``s = 0``, a clean latent as the UNet/VAE sees it (scaled by
     the VAE's ``scaling_factor``);
   - ``boundary_states`` ``(K + 1, C, H, W)``: the flow states ``z`` at ``sigma_boundaries[0..K]``; entry 0 is
@@ -95,6 +112,10 @@ __all__ = [
     "CouplingRunResult",
     "CouplingSet",
     "TeacherFlow",
+    "flow_family_of",
+    "flow_transformer_velocity",
+    "pack_flux_latents",
+    "unpack_flux_latents",
     "coupling_grid",
     "solve_teacher_ode",
     "generate_couplings",
@@ -133,16 +154,80 @@ def _atomic_write_json(obj, path: Path):
 # the teacher's guided probability-flow ODE in flow coordinates
 
 
+FLOW_FAMILIES = ("sd3", "flux")
+
+
+def flow_family_of(model) -> str | None:
+    """``"sd3"`` / ``"flux"`` for diffusers' SD3 / FLUX.1 transformers (by class, peft-wrapped or not), else None."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if isinstance(model, FluxTransformer2DModel):
+        return "flux"
+    if isinstance(model, SD3Transformer2DModel):
+        return "sd3"
+    return None
+
+
+def pack_flux_latents(z: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)``: FLUX's 2x2 patch tokens (``FluxPipeline._pack_latents``)."""
+    B, C, H, W = z.shape
+    if H % 2 or W % 2:
+        raise CouplingError(f"FLUX latents need even height and width, got {H}x{W}")
+    return z.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_flux_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_flux_latents` for latent ``height`` x ``width``."""
+    B, _, D = x.shape
+    return x.view(B, height // 2, width // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``img_ids`` of a ``height`` x ``width`` latent (``FluxPipeline._prepare_latent_image_ids`` at H/2, W/2)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def flow_transformer_velocity(model, family: str, z: torch.Tensor, s: torch.Tensor, cond: dict,
+                              num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The velocity ``noise - x0`` an SD3 / FLUX transformer predicts at flow states ``z`` ``(B, C, H, W)`` and
+    per-sample flow times ``s`` ``(B,)``, in ``z``'s layout and dtype.
+
+    ``cond``: model keyword arguments ``encoder_hidden_states``, ``pooled_projections`` and, for FLUX models
+    with a guidance embedding, ``guidance`` ``(B,)``. SD3 is called as ``StableDiffusion3Pipeline`` calls it
+    (``timestep = s * num_train_timesteps``); FLUX as ``FluxPipeline`` does (packed latents, ``img_ids``,
+    zero ``txt_ids``, ``timestep = s``)."""
+    s = s.to(z.device)
+    if family == "sd3":
+        t = (s.double() * num_train_timesteps).float()
+        return model(hidden_states=z, timestep=t, return_dict=False, **cond)[0]
+    if family != "flux":
+        raise CouplingError(f"unknown flow-matching family {family!r}; one of {FLOW_FAMILIES}")
+    B, _, H, W = z.shape
+    enc = cond["encoder_hidden_states"]
+    out = model(hidden_states=pack_flux_latents(z), timestep=s.to(z.dtype), guidance=cond.get("guidance"),
+                pooled_projections=cond["pooled_projections"], encoder_hidden_states=enc,
+                txt_ids=torch.zeros(enc.shape[1], 3, device=z.device, dtype=z.dtype),
+                img_ids=flux_image_ids(H, W, z.device, z.dtype), return_dict=False)[0]
+    return unpack_flux_latents(out, H, W)
+
+
 class TeacherFlow:
     """A diffusers pipeline's denoiser as a guided velocity field ``v(z, s)`` in flow coordinates.
 
-    Supports VP UNet pipelines (SD 1.x/2.x, epsilon / v_prediction / sample; SDXL conditioning) and SD3-style
-    FlowMatch transformer pipelines (``transformer(hidden_states, timestep, encoder_hidden_states,
-    pooled_projections)`` with a ``FlowMatchEulerDiscreteScheduler``)."""
+    Supports VP UNet pipelines (SD 1.x/2.x, epsilon / v_prediction / sample; SDXL conditioning) and FlowMatch
+    transformer pipelines: SD3 (``StableDiffusion3Pipeline``, CFG) and FLUX.1 (``FluxPipeline``, embedded
+    guidance or none; see the module docstring). ``height``/``width`` (pixels) fix the latent size, which FLUX's
+    dynamic shift depends on (default: the pipeline's native size)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, height: int | None = None, width: int | None = None):
         self.pipe = pipe
         config = dict(pipe.scheduler.config)
+        self.family = None
+        self.guidance_embeds = False
         if getattr(pipe, "unet", None) is not None:
             from diffusers import DDPMScheduler
 
@@ -158,20 +243,26 @@ class TeacherFlow:
             self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None and \
                 getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
         elif getattr(pipe, "transformer", None) is not None and "shift" in config:
+            self.family = flow_family_of(pipe.transformer)
+            if self.family is None and hasattr(pipe, "text_encoder_3"):
+                self.family = "sd3"  # an SD3-style pipeline around another transformer class: SD3's call convention
+            if self.family is None:
+                raise CouplingError(f"{type(pipe).__name__} ({type(pipe.transformer).__name__}): only SD3 "
+                                    "(SD3Transformer2DModel) and FLUX.1 (FluxTransformer2DModel) flow-matching "
+                                    "transformers are supported")
             self.kind = "flow"
             self.model = pipe.transformer
             self.prediction_type = "flow"
             self.alphas_cumprod = None
             self.sigma_max = 1.0
             self.is_sdxl = False
-            if not hasattr(pipe, "text_encoder_3"):
-                raise CouplingError(f"{type(pipe).__name__}: only SD3-style FlowMatch pipelines (CFG, pooled "
-                                    "projections) are supported; FLUX-style guidance-distilled models are not")
+            self.guidance_embeds = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
         else:
-            raise CouplingError(f"{type(pipe).__name__} is neither a UNet (VP) pipeline nor an SD3-style FlowMatch "
-                                "transformer pipeline")
+            raise CouplingError(f"{type(pipe).__name__} is neither a UNet (VP) pipeline nor a FlowMatch (SD3 / "
+                                "FLUX.1) transformer pipeline")
         self.scheduler_config = config
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        self.shape = self.latent_shape(height, width)
 
     # -------------------------------------------------------------- description
     @property
@@ -182,12 +273,34 @@ class TeacherFlow:
     def dtype(self):
         return self.model.dtype
 
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether ``guidance_scale`` is classifier-free guidance (VP, SD3) rather than FLUX's embedded guidance."""
+        return self.family != "flux"
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the (unpacked) latents for an image of ``height`` x ``width`` pixels."""
         cfg = self.model.config
         scale = self.pipe.vae_scale_factor
+        if self.family == "flux":  # no sample_size; in_channels counts packed 2x2 patches
+            default = self.pipe.default_sample_size * scale
+            height, width = height or default, width or default
+            if height % (2 * scale) or width % (2 * scale):
+                raise CouplingError(f"FLUX needs height and width divisible by {2 * scale} (VAE factor x 2x2 "
+                                    f"packing), got {height}x{width}")
+            return (int(cfg.in_channels) // 4, int(height) // scale, int(width) // scale)
         h = (height or cfg.sample_size * scale) // scale
         w = (width or cfg.sample_size * scale) // scale
         return (int(cfg.in_channels), int(h), int(w))
+
+    def check_guidance(self, guidance_scale: float):
+        """Refuse guidance a teacher cannot take (FLUX without a guidance embedding has no CFG here)."""
+        if self.family == "flux" and not self.guidance_embeds and float(guidance_scale) != 1.0:
+            raise CouplingError(
+                f"guidance_scale={guidance_scale}: this FLUX model has no guidance embedding (FLUX.1-schnell-like) and "
+                "couplings do not support true classifier-free guidance (FluxPipeline's true_cfg_scale); use "
+                "guidance_scale=1. For guidance-distilled models (guidance_embeds=True, FLUX.1-dev-like) "
+                "guidance_scale is the embedded guidance.")
 
     def describe(self) -> dict:
         """Architecture identity recorded in (and checked against) the manifest."""
@@ -197,10 +310,15 @@ class TeacherFlow:
         # only the scheduler settings the ODE depends on (swapping e.g. PNDM for DDIM changes nothing here)
         sched_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                       "prediction_type", "shift", "use_dynamic_shifting")
+        if self.scheduler_config.get("use_dynamic_shifting"):
+            sched_keys += ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
         sched = {k: self.scheduler_config.get(k) for k in sched_keys if k in self.scheduler_config}
         blob = json.dumps({"model": model_cfg, "scheduler": sched}, sort_keys=True, default=str)
-        return {"pipeline": type(self.pipe).__name__, "teacher": self.kind, "prediction_type": self.prediction_type,
-                "architecture_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+        out = {"pipeline": type(self.pipe).__name__, "teacher": self.kind, "prediction_type": self.prediction_type,
+               "architecture_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+        if self.family == "flux":  # (not for SD3: its couplings made before FLUX support keep their fingerprint)
+            out.update(flow_family=self.family, guidance_embeds=self.guidance_embeds)
+        return out
 
     # -------------------------------------------------------------- clocks
     def start_state(self, noise: torch.Tensor) -> torch.Tensor:
@@ -213,21 +331,30 @@ class TeacherFlow:
         s = torch.as_tensor(s, dtype=torch.float64)
         if self.kind == "vp":
             return reflow.vp_timestep_for_sigma(s, self.alphas_cumprod).double()
-        shift = self._static_shift()
+        shift = self.shift()
         return s / (shift - (shift - 1) * s)
 
     def from_native_clock(self, c: torch.Tensor) -> torch.Tensor:
         c = torch.as_tensor(c, dtype=torch.float64)
         if self.kind == "vp":
             return reflow.sigma_for_vp_timestep(c, self.alphas_cumprod).double()
-        shift = self._static_shift()
+        shift = self.shift()
         return shift * c / (1 + (shift - 1) * c)
 
-    def _static_shift(self) -> float:
-        if self.scheduler_config.get("use_dynamic_shifting"):
-            raise CouplingError("spacing='teacher' needs a static shift; this scheduler uses dynamic shifting "
-                                "(use spacing='sigma')")
-        return float(self.scheduler_config.get("shift", 1.0))
+    def shift(self) -> float:
+        """The FlowMatch shift ``sigma -> shift sigma / (1 + (shift - 1) sigma)`` the teacher samples with at
+        ``self.shape``: the static ``shift``, or with ``use_dynamic_shifting`` the pipelines' ``mu`` (diffusers'
+        ``calculate_shift`` of the image-token count) as ``exp(mu)`` (``time_shift_type="exponential"``) or ``mu``
+        (``"linear"``)."""
+        cfg = self.scheduler_config
+        if not cfg.get("use_dynamic_shifting"):
+            return float(cfg.get("shift", 1.0))
+        patch = 2 if self.family == "flux" else int(getattr(self.model.config, "patch_size", 1) or 1)
+        tokens = (self.shape[1] // patch) * (self.shape[2] // patch)
+        base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        mu = tokens * (hi - lo) / (top - base) + lo - (hi - lo) / (top - base) * base  # calculate_shift
+        return float(math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu)
 
     # -------------------------------------------------------------- text
     @torch.no_grad()
@@ -236,7 +363,11 @@ class TeacherFlow:
         embeds, pooled = [], []
         for i in range(0, len(prompts), batch_size):
             chunk = list(prompts[i:i + batch_size])
-            if self.kind == "flow":
+            if self.family == "flux":
+                e, p, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=None, device=self.device,
+                                                  num_images_per_prompt=1)
+                pooled.append(p.float().cpu())
+            elif self.family == "sd3":
                 e, _, p, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=self.device,
                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
                 pooled.append(p.float().cpu())
@@ -254,7 +385,8 @@ class TeacherFlow:
         return out
 
     def encode_table(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """Embeddings of ``prompts`` plus the unconditional row last (what the pipeline uses for CFG)."""
+        """Embeddings of ``prompts`` plus the unconditional row last (what the pipeline uses for CFG; FLUX
+        stores it too, unused, so every couplings directory has the same layout)."""
         emb = self.encode(list(prompts) + [""], batch_size)
         if self.is_sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", False):
             for v in emb.values():
@@ -269,21 +401,26 @@ class TeacherFlow:
         return torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
 
     # -------------------------------------------------------------- the velocity field
-    def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, s: float, timestep: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
+        B = x.shape[0]
         if self.kind == "flow":
-            return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
-                              pooled_projections=cond["pooled"], return_dict=False)[0]
+            kw = {"encoder_hidden_states": cond["prompt_embeds"], "pooled_projections": cond["pooled"]}
+            if self.guidance_embeds:
+                kw["guidance"] = torch.full((B,), float(guidance), device=x.device, dtype=torch.float32)
+            s_b = torch.full((B,), float(s), dtype=torch.float64)
+            return flow_transformer_velocity(self.model, self.family, x, s_b, kw, self.num_train_timesteps)
         kwargs = {}
         if self.is_sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
-        return self.model(x, timestep, encoder_hidden_states=cond["prompt_embeds"], **kwargs).sample
+        return self.model(x, timestep.expand(B), encoder_hidden_states=cond["prompt_embeds"], **kwargs).sample
 
     @torch.no_grad()
     def velocity(self, z: torch.Tensor, s: float, cond: dict, uncond: dict | None, guidance: float) -> torch.Tensor:
         """The guided flow velocity ``eps - x0`` at the flow point ``(s, z)`` (float32).
 
         ``cond``/``uncond``: dicts of per-sample tensors (``prompt_embeds``, and ``pooled``/``time_ids`` where the
-        model takes them) on the model's device; ``uncond`` may be None when ``guidance == 1``."""
+        model takes them) on the model's device; ``uncond`` may be None when ``guidance == 1`` (and is ignored
+        for FLUX, whose ``guidance`` is the embedded guidance)."""
         B = z.shape[0]
         if self.kind == "vp":
             x, t = reflow.flow_state_to_vp_input(z.float(), torch.tensor(float(s), dtype=torch.float64),
@@ -291,13 +428,13 @@ class TeacherFlow:
             timestep = t.reshape(()).float().to(z.device)
         else:
             x = z.float()
-            timestep = torch.tensor(float(s) * self.num_train_timesteps, dtype=torch.float32, device=z.device)
+            timestep = None
         x_in = x.to(self.dtype)
-        if guidance == 1.0 or uncond is None:
-            out = self._forward(x_in, timestep.expand(B), cond).float()
+        if guidance == 1.0 or uncond is None or not self.uses_cfg:
+            out = self._forward(x_in, s, timestep, cond, guidance).float()
         else:
             both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-            out_u, out_c = self._forward(torch.cat([x_in, x_in]), timestep.expand(2 * B), both).float().chunk(2)
+            out_u, out_c = self._forward(torch.cat([x_in, x_in]), s, timestep, both, guidance).float().chunk(2)
             out = out_u + guidance * (out_c - out_u)
         if self.kind == "flow":
             return out
@@ -481,8 +618,9 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
     if shard_size < 1 or batch_size < 1:
         raise CouplingError("shard_size and batch_size must be >= 1")
     out_dir = Path(out_dir)
-    teacher = TeacherFlow(pipe)
-    shape = teacher.latent_shape(height, width)
+    teacher = TeacherFlow(pipe, height, width)
+    teacher.check_guidance(guidance_scale)
+    shape = teacher.shape
     grid, bidx = coupling_grid(num_steps, num_windows, teacher.sigma_max, spacing, teacher)
     if solver not in SOLVERS:
         raise CouplingError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -523,12 +661,14 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
             "num_couplings": n_total, "shard_size": int(shard_size), "prompts": table,
             "uncond_index": len(table), "embeddings": EMBEDDINGS, "shards": shard_names, "completed": [],
             "time_ids": None if time_ids is None else time_ids.tolist(),
+            "flow_family": teacher.family, "guidance_embeds": teacher.guidance_embeds,
             "vae_scaling_factor": float(vae_cfg.get("scaling_factor", 1.0) or 1.0),
             "vae_shift_factor": float(vae_cfg.get("shift_factor", None) or 0.0),
             "conventions": {
                 "flow": "s=1 noise, s=0 data; z_s = (1-s) x0 + s eps; v = dz/ds = eps - x0",
                 "noise": "torch.randn((1, C, H, W), generator=torch.Generator().manual_seed(seed + i)): the "
-                         "pipeline's initial latent (VP: x_T at the last training timestep; flow: z at s=1)",
+                         "pipeline's initial latent (VP: x_T at the last training timestep; flow: z at s=1; FLUX: "
+                         "unpacked, FluxPipeline packs it into 2x2 patch tokens)",
                 "boundary_states": "flow states z at sigma_boundaries (descending); [0] = start state "
                                    "(VP: sqrt((1-s_max)^2+s_max^2) * noise), [K] = data",
                 "data": "ODE endpoint at s=0, model latent space (VAE-scaled)",
@@ -568,8 +708,8 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
                 noise = _initial_noise(ids, seed, shape)
                 rows = prompt_index[ids]
                 cond = _cond_rows(emb, rows, device, teacher.dtype, time_ids)
-                uncond = None if guidance_scale == 1.0 else _cond_rows(emb, uncond_row.expand(len(ids)), device,
-                                                                     teacher.dtype, time_ids)
+                uncond = None if guidance_scale == 1.0 or not teacher.uses_cfg else _cond_rows(
+                    emb, uncond_row.expand(len(ids)), device, teacher.dtype, time_ids)
                 z_data, states = solve_teacher_ode(teacher, noise, grid, solver, cond, uncond, guidance_scale, bidx)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -683,9 +823,17 @@ class CouplingSet:
         """A whole per-coupling tensor (``noise``, ``data``, ...) concatenated over shards (for tests/diagnostics)."""
         return torch.cat([load_file(str(self.dir / s))[name] for s in self.manifest["shards"]])
 
+    @property
+    def flow_family(self) -> str | None:
+        """``"sd3"`` / ``"flux"`` for flow-matching teachers (manifests from before FLUX support: SD3), else None."""
+        if self.manifest["teacher"] != "flow":
+            return None
+        return self.manifest.get("flow_family") or "sd3"
+
     def conditioning(self, idx: torch.Tensor) -> dict:
         """Model keyword arguments for couplings ``idx`` (CPU tensors): ``encoder_hidden_states``, plus SDXL's
-        ``added_cond_kwargs`` or SD3's ``pooled_projections``."""
+        ``added_cond_kwargs`` or SD3/FLUX's ``pooled_projections``, plus FLUX-dev's embedded ``guidance`` (the
+        couplings' guidance scale) for models with ``guidance_embeds``."""
         rows = self.prompt_index[torch.as_tensor(idx, dtype=torch.long)]
         cond = {"encoder_hidden_states": self.prompt_embeds[rows]}
         if self.pooled is not None and self.time_ids is not None:
@@ -693,6 +841,8 @@ class CouplingSet:
                                          "time_ids": self.time_ids.reshape(1, -1).expand(len(rows), -1).clone()}
         elif self.pooled is not None:
             cond["pooled_projections"] = self.pooled[rows]
+        if self.manifest.get("guidance_embeds"):
+            cond["guidance"] = torch.full((len(rows),), float(self.manifest["guidance_scale"]))
         return cond
 
 
@@ -718,9 +868,10 @@ def coupling_solver_error(pipe, prompts: list[str], solvers=(("ddim", 10), ("ddi
     (x2 forward passes with CFG). The reference is itself a discretization: a first-order reference (``ddim``)
     at N steps has an error ~1/N, so compare high-order solvers against a reference well below their own error
     (e.g. ``("dpmpp", 500)``)."""
-    teacher = TeacherFlow(pipe)
+    teacher = TeacherFlow(pipe, height, width)
+    teacher.check_guidance(guidance_scale)
     prompts = list(prompts)
-    shape = teacher.latent_shape(height, width)
+    shape = teacher.shape
     table, rows_all = _prompts_table(prompts)
     emb = teacher.encode_table(table, batch_size)
     time_ids = teacher.time_ids(shape)
@@ -733,7 +884,7 @@ def coupling_solver_error(pipe, prompts: list[str], solvers=(("ddim", 10), ("ddi
             ids = list(range(b0, min(b0 + batch_size, len(prompts))))
             noise = _initial_noise(ids, seed, shape)
             cond = _cond_rows(emb, rows_all[ids], device, teacher.dtype, time_ids)
-            uncond = None if guidance_scale == 1.0 else _cond_rows(
+            uncond = None if guidance_scale == 1.0 or not teacher.uses_cfg else _cond_rows(
                 emb, torch.full((len(ids),), len(table)), device, teacher.dtype, time_ids)
             t0 = time.perf_counter()
             z, _ = solve_teacher_ode(teacher, noise, grid, solver, cond, uncond, guidance_scale)
@@ -789,13 +940,16 @@ def read_prompts(source: str) -> list[str]:
     return prompts
 
 
-def _default_guidance(model: str, guidance: float | None) -> float:
+def _default_guidance(model: str, guidance: float | None, pipe=None) -> float:
     if guidance is not None:
         return guidance
     if model == "toy":
         from .toy.world import TOY_GUIDANCE
 
         return TOY_GUIDANCE
+    if pipe is not None and flow_family_of(getattr(pipe, "transformer", None)) == "flux":
+        # FLUX has no CFG here: the embedded guidance of FLUX.1-dev's pipeline default, or 1 (schnell-like)
+        return 3.5 if getattr(pipe.transformer.config, "guidance_embeds", False) else 1.0
     return 7.5
 
 
@@ -804,11 +958,12 @@ def _cmd_couple(args):
 
     pipe = load_pipeline(args.model, device=args.device)
     prompts = read_prompts(args.prompts)
-    guidance = _default_guidance(args.model, args.guidance)
+    guidance = _default_guidance(args.model, args.guidance, pipe)
     res = generate_couplings(pipe, prompts, args.out, num_steps=args.steps, solver=args.solver,
                              guidance_scale=guidance, num_windows=args.windows, seed=args.seed,
                              shard_size=args.shard_size, batch_size=args.batch_size, spacing=args.spacing,
-                             storage_dtype=args.storage_dtype, model_id=args.model)
+                             storage_dtype=args.storage_dtype, model_id=args.model,
+                             height=args.resolution, width=args.resolution)
     print(f"{res.out_dir}: {res.num_couplings} couplings ({len(res.shards_skipped)} shard(s) already done, "
           f"{len(res.shards_written)} written); {res.num_generated} generated in {res.seconds:.1f} s = "
           f"{res.couplings_per_second:.2f} couplings/s on {pipe.device} ({args.solver}, {args.steps} steps, "
@@ -853,7 +1008,7 @@ def _cmd_solver_error(args):
 
     pipe = load_pipeline(args.model, device=args.device)
     prompts = read_prompts(args.prompts)
-    guidance = _default_guidance(args.model, args.guidance)
+    guidance = _default_guidance(args.model, args.guidance, pipe)
     report = coupling_solver_error(pipe, prompts, [parse(s) for s in args.solvers.split(",")],
                                    reference=parse(args.reference), guidance_scale=guidance,
                                    num_windows=args.windows, seed=args.seed, batch_size=args.batch_size)
@@ -878,7 +1033,8 @@ def add_reflow_commands(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--prompts", default=prompts_default,
                        help="toy:N[:SEED] (seeded toy-world prompts) or a text file with one prompt per line")
         p.add_argument("--guidance", type=float, default=None,
-                       help="CFG scale baked into the couplings (default: 5 for the toy teacher, else 7.5)")
+                       help="CFG scale baked into the couplings (default: 5 for the toy teacher, else 7.5); FLUX: the "
+                            "embedded guidance (default 3.5 with a guidance embedding, else 1: no CFG)")
         p.add_argument("--windows", type=int, default=1, help="K, the PeRFlow windows (1 = InstaFlow-style reflow)")
         p.add_argument("--seed", type=int, default=0, help="coupling i uses noise seed SEED + i")
         p.add_argument("--batch-size", type=int, default=64)
@@ -893,6 +1049,8 @@ def add_reflow_commands(subparsers) -> argparse.ArgumentParser:
                    help="steps inside a window: uniform in flow time, or in the teacher's own clock")
     c.add_argument("--shard-size", type=int, default=256)
     c.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float32")
+    c.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels (default: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL/SD3/FLUX)")
     c.set_defaults(func=_cmd_couple)
 
     t = rsub.add_parser("train", help="train a reflow LoRA on couplings (a YAML recipe + key=value overrides)")

@@ -79,7 +79,8 @@ def distill_lcd(out_dir: Path, device: str | None = None, **overrides) -> tuple[
 
 
 def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = None, seed: int = 0,
-             method: str = "lcd", grid_prompts: int = 10, lcd_overrides: dict | None = None) -> dict:
+             method: str = "lcd", grid_prompts: int = 10, lcd_overrides: dict | None = None,
+             reflow_overrides: dict | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = evaluation_prompts(n_prompts, seed=seed)
@@ -104,7 +105,7 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
     if method in ("reflow", "all"):
         from .reflow_demo import run_reflow_demo
 
-        cells, rows = run_reflow_demo(out, prompts, device=device, seed=seed)
+        cells, rows = run_reflow_demo(out, prompts, device=device, seed=seed, **(reflow_overrides or {}))
         report["reflow"] = cells
         for steps, imgs in rows.items():
             grid_rows.append(imgs[:grid_prompts])
@@ -119,7 +120,7 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
             earlier = json.loads(report_path.read_text())
         except json.JSONDecodeError:
             earlier = {}
-        report = {**{k: v for k, v in earlier.items() if k not in report}, **report}
+        report = {**earlier, **report}  # dict order: the earlier run's methods first, then this run's new ones
     tmp = report_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(report_path)

@@ -50,6 +50,13 @@ layer's effective delta in the pipeline's UNet with the trained one.
 Scope: SD 1.x/2.x-style ``UNet2DConditionModel`` LoRAs (plain LoRA; no DoRA, LoCon/LoHa, bias or text-encoder
 layers). For SDXL, kohya's own trainer writes sgm (``input_blocks``) names; diffusers and ComfyUI also map the
 diffusers-path names written here, A1111 was not checked.
+
+Flow-matching transformers (SD3 ``SD3Transformer2DModel``, FLUX.1 ``FluxTransformer2DModel``): the same peft
+adapter (:func:`add_lora_to_unet` takes any diffusers model with ``add_adapter``; default targets
+:data:`SD3_LORA_TARGET_MODULES` / :data:`FLUX_LORA_TARGET_MODULES`), written by
+:func:`stepdistill.export.write_adapter` as ``transformer.<path>.lora_A/B.weight`` (alpha folded into ``lora_B``),
+the layout ``SD3LoraLoaderMixin`` / ``FluxLoraLoaderMixin`` and ComfyUI both read. :func:`read_lora`,
+:func:`read_lora_layers` and :func:`verify_lora_loaded` accept those files and pipelines too.
 """
 from __future__ import annotations
 
@@ -89,6 +96,17 @@ LCM_LORA_TARGET_MODULES = [
     "time_emb_proj",
 ]
 
+# Transformer LoRA targets: the attention projections of both streams (image: to_q/k/v/to_out.0; text:
+# add_q/k/v_proj/to_add_out) and the feed-forwards of both streams, as diffusers' train_dreambooth_lora_flux.py
+# (its default 12; SD3's example adds the feed-forwards with --lora_layers). FLUX adds its single-stream blocks'
+# proj_mlp / proj_out (their attention shares attn.to_q/k/v); "proj_out" also matches the final output layer.
+# All of these are modules ComfyUI maps for SD3 / FLUX (stepdistill.export.comfy_unmapped).
+_TRANSFORMER_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                          "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_TRANSFORMER_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+SD3_LORA_TARGET_MODULES = _TRANSFORMER_ATTENTION + _TRANSFORMER_FF
+FLUX_LORA_TARGET_MODULES = _TRANSFORMER_ATTENTION + _TRANSFORMER_FF + ["proj_mlp", "proj_out"]
+
 KOHYA_PREFIX = "lora_unet_"
 KOHYA_NETWORK_MODULE = "networks.lora"
 
@@ -126,6 +144,27 @@ class LoraLoadError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- training side
 
 
+def denoiser_of(pipe_or_model):
+    """The LoRA-carrying model of a pipeline (``unet`` or ``transformer``); a model is returned as is."""
+    for name in ("unet", "transformer"):
+        model = getattr(pipe_or_model, name, None)
+        if isinstance(model, torch.nn.Module):
+            return model
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return pipe_or_model
+    raise TypeError(f"{type(pipe_or_model).__name__} has neither a unet nor a transformer")
+
+
+def default_target_modules(model) -> list[str]:
+    """The LoRA targets for ``model``: LCM-LoRA's 14 for UNets, the SD3 / FLUX lists for those transformers."""
+    name = type(getattr(model, "module", model)).__name__
+    if "Flux" in name:
+        return list(FLUX_LORA_TARGET_MODULES)
+    if "SD3" in name:
+        return list(SD3_LORA_TARGET_MODULES)
+    return list(LCM_LORA_TARGET_MODULES)
+
+
 def add_lora_to_unet(
     unet,
     rank: int,
@@ -134,6 +173,7 @@ def add_lora_to_unet(
     adapter_name: str = "default",
 ):
     """Add a peft LoRA adapter to ``unet`` the diffusers way (``unet.add_adapter``); returns its ``LoraConfig``.
+    Any diffusers model with ``add_adapter`` works (SD3 / FLUX transformers: see :func:`default_target_modules`).
 
     ``alpha`` defaults to ``rank`` (scale 1). Gaussian init as diffusers' LCM-LoRA example: ``lora_A`` random,
     ``lora_B`` zero, so the adapted UNet starts equal to the base. peft marks only adapter weights trainable.
@@ -588,7 +628,8 @@ def _detect_format(keys: list[str]) -> str:
     if ab:
         if any(k.startswith(("base_model.model.", "unet.base_model.model.")) for k in ab):
             return "peft"
-        if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in ab):
+        if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in ab) or all(
+                k.startswith("transformer.") for k in ab):
             return "diffusers"
         return "peft"  # bare get_peft_model_state_dict keys
     return ""
@@ -597,7 +638,8 @@ def _detect_format(keys: list[str]) -> str:
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """``(state_dict, metadata, format)`` of a LoRA file (or a directory holding ``pytorch_lora_weights.safetensors``).
 
-    ``format`` is ``"kohya"``, ``"diffusers"`` (``unet.<path>.lora_A/B``), ``"peft"`` (``base_model.model.`` or
+    ``format`` is ``"kohya"``, ``"diffusers"`` (``unet.<path>.lora_A/B``, or ``transformer.<path>...`` for SD3/FLUX
+    transformers), ``"peft"`` (``base_model.model.`` or
     bare ``<path>.lora_A/B`` keys) or ``"diffusers_legacy"`` (``lora.down``/``lora.up``). Malformed files raise
     :class:`LoraFormatError`.
     """
@@ -662,10 +704,12 @@ def lora_layers_from_state_dict(state_dict: Mapping[str, torch.Tensor], format: 
     if format == "kohya":
         return from_kohya(state_dict, unet)
     if format == "diffusers":
-        non_unet = [k for k in state_dict if not k.startswith("unet.")]
-        if non_unet:
-            raise LoraFormatError(f"non-UNet LoRA keys are not supported: {', '.join(sorted(non_unet)[:5])}")
-        sd = {k[len("unet."):]: v for k, v in state_dict.items()}
+        prefix = "transformer." if any(k.startswith("transformer.") for k in state_dict) else "unet."
+        others = [k for k in state_dict if not k.startswith(prefix)]
+        if others:
+            raise LoraFormatError(f"LoRA keys outside the {prefix[:-1]} are not supported: "
+                                  f"{', '.join(sorted(others)[:5])}")
+        sd = {k[len(prefix):]: v for k, v in state_dict.items()}
         layers = _pairs_to_layers(sd, ".lora_A.weight", ".lora_B.weight", "diffusers LoRA")
     elif format == "peft":
         sd = {re.sub(r"^(unet\.)?base_model\.model\.", "", k): v for k, v in state_dict.items()}
@@ -740,14 +784,15 @@ def verify_lora_loaded(
     atol: float = 1e-6,
     raise_on_error: bool = True,
 ) -> LoraLoadReport:
-    """Compare the adapter ``pipe.unet`` holds after ``load_lora_weights`` with the trained layers.
+    """Compare the adapter ``pipe.unet`` (or ``pipe.transformer``; or ``pipe`` itself, a model) holds after
+    ``load_lora_weights`` with the trained layers.
 
     Every expected layer must carry the adapter, with effective delta ``scale * B @ A`` (intrinsic scale
     ``lora_alpha / r``, so ``set_adapters`` weights do not matter) equal to ``alpha / r * up @ down`` within
     ``max|diff| <= rtol * max|expected| + atol`` (fp16 storage gives ~1e-3). ``expected_layers`` may be a layer
     dict or a LoRA file. Raises :class:`LoraLoadError` listing dropped / mismatched / unexpected layers.
     """
-    unet = getattr(pipe, "unet", pipe)
+    unet = denoiser_of(pipe)
     if not isinstance(expected_layers, Mapping):
         expected_layers = read_lora_layers(expected_layers, unet)
     loaded = _lora_modules(unet, adapter_name)

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import lcd, parametrization, solvers
@@ -68,9 +70,7 @@ class CachedDataObjective:
 
     @torch.no_grad()
     def validate(self, pipe, accelerator, step: int):
-        from pathlib import Path
-
-        from .sampling import generate, image_grid
+        from .sampling import generate
 
         previous = pipe.scheduler
         self.set_student_scheduler(pipe)
@@ -78,15 +78,24 @@ class CachedDataObjective:
         rows = [generate(pipe, prompts, steps=n, guidance=self.student_guidance, seed=0)[0]
                 for n in self.config.validation_step_counts]
         pipe.scheduler = previous
-        grid = image_grid(rows, row_labels=[f"{n} steps" for n in self.config.validation_step_counts], scale=3)
-        out = Path(self.config.output_dir) / "validation"
-        out.mkdir(parents=True, exist_ok=True)
-        grid.save(out / f"step-{step:06d}.png")
-        if self.config.report_to == "tensorboard":
-            import numpy as np
+        write_validation_grid(rows, self.config, step, accelerator)
 
-            writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("validation", np.asarray(grid).transpose(2, 0, 1), step)
+
+def write_validation_grid(rows, config: TrainConfig, step: int, accelerator) -> Path:
+    """One row of validation images per step count -> ``OUTPUT/validation/step-NNNNNN.png`` (and TensorBoard)."""
+    from .sampling import image_grid
+
+    grid = image_grid(rows, row_labels=[f"{n} steps" for n in config.validation_step_counts], scale=3)
+    out = Path(config.output_dir) / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step-{step:06d}.png"
+    grid.save(path)
+    if config.report_to == "tensorboard":
+        import numpy as np
+
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("validation", np.asarray(grid).transpose(2, 0, 1), step)
+    return path
 
 
 class LCDObjective(CachedDataObjective):

@@ -14,10 +14,10 @@ from .toy.world import TOY_GUIDANCE, evaluation_prompts
 
 TOY_REFLOW_RECIPE = dict(
     method="reflow", pretrained_model="toy", lora_rank=16, learning_rate=1e-3, lr_warmup_steps=20,
-    lr_scheduler="constant_with_warmup", train_batch_size=32, max_train_steps=400, reflow_windows=2,
+    lr_scheduler="constant_with_warmup", train_batch_size=32, max_train_steps=400, reflow_windows=1,
     checkpointing_steps=200, checkpoints_total_limit=1, validation_steps=0, seed=0,
 )
-TOY_COUPLINGS = dict(n=2048, num_steps=24, solver="ddim", windows=2, seed=1)
+TOY_COUPLINGS = dict(n=2048, num_steps=24, solver="ddim", windows=1, seed=1)
 
 
 def flow_scheduler(pipe, num_windows: int):
@@ -47,7 +47,14 @@ def trajectory_straightness(pipe, prompts, steps: int, guidance: float, seed: in
     return reflow.straightness(flow, sigmas[:len(flow)])
 
 
-def run_reflow_demo(out: Path, prompts, device=None, seed: int = 0, train_steps: int | None = None):
+def run_reflow_demo(out: Path, prompts, device=None, seed: int = 0, num_couplings: int | None = None,
+                    **recipe_overrides):
+    """Couplings, reflow training (``TOY_REFLOW_RECIPE`` + ``recipe_overrides``) and the 8/4/2/1-step cells.
+
+    Returns ``(cells, rows)``: ``cells[str(steps)]`` holds ``prompt_accuracy``, ``toy_fid``, ``sec_per_image``
+    and ``straightness`` (the student's 8-step trajectories under the flow sampler, paper definition: squared
+    norm summed over the latent); ``cells["teacher_straightness"]`` is the same measure for the teacher
+    (guided, same scheduler and steps)."""
     from .config import load_config
     from .couplings import generate_couplings
     from .training import train
@@ -55,13 +62,12 @@ def run_reflow_demo(out: Path, prompts, device=None, seed: int = 0, train_steps:
     teacher = load_pipeline("toy", device=device)
     c = TOY_COUPLINGS
     t0 = time.perf_counter()
-    result = generate_couplings(teacher, evaluation_prompts(c["n"], seed=c["seed"]), out / "couplings",
+    result = generate_couplings(teacher, evaluation_prompts(num_couplings or c["n"], seed=c["seed"]), out / "couplings",
                                 num_steps=c["num_steps"], solver=c["solver"], guidance_scale=TOY_GUIDANCE,
                                 num_windows=c["windows"], seed=c["seed"] * 100_000, model_id="toy")
     couple_seconds = time.perf_counter() - t0
-    recipe = {**TOY_REFLOW_RECIPE, "output_dir": str(out / "lora-reflow"), "couplings_dir": str(out / "couplings")}
-    if train_steps:
-        recipe["max_train_steps"] = train_steps
+    recipe = {**TOY_REFLOW_RECIPE, "output_dir": str(out / "lora-reflow"), "couplings_dir": str(out / "couplings"),
+              **recipe_overrides}
     t0 = time.perf_counter()
     lora_dir = train(load_config(None, **recipe))
     train_seconds = time.perf_counter() - t0

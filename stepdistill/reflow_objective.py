@@ -11,9 +11,15 @@ The student is the teacher's own network with a LoRA, kept in its native paramet
 starts as the teacher: for VP (SD) UNets the flow point ``(s, x_s)`` is fed as the VP state
 ``x_t = x_s / sqrt((1-s)^2 + s^2)`` at the continuous timestep ``t(s)`` (:func:`reflow.flow_state_to_vp_input`)
 and the output (eps / v / x0) is turned into a velocity with :func:`reflow.velocity_from_vp_output`; a
-FlowMatch (SD3-style) transformer's output is the velocity already. Sampling uses
-:class:`stepdistill.flow_scheduler.PiecewiseRectifiedFlowScheduler` with the same K windows, whose Euler step is
-the inverse of this conversion, at guidance 1 (the teacher's guidance is baked into the couplings).
+FlowMatch transformer's (SD3, FLUX.1) output is the velocity already, called as its pipeline calls it
+(:func:`stepdistill.couplings.flow_transformer_velocity`: FLUX's packed latents and ids, its ``timestep = s``).
+Sampling uses :class:`stepdistill.flow_scheduler.PiecewiseRectifiedFlowScheduler` with the same K windows, whose
+Euler step is the inverse of this conversion, at guidance 1 (the teacher's guidance is baked into the couplings).
+FLUX is the exception: ``FluxPipeline`` hands its scheduler ``sigmas = linspace(1, 1/N, N)`` and a ``mu``, which
+the stock ``FlowMatchEulerDiscreteScheduler`` with ``shift=1, use_dynamic_shifting=False`` takes as given -- a
+uniform grid that contains every window boundary when K divides N, i.e. the PeRFlow student's own Euler steps.
+A guidance-distilled FLUX teacher (``guidance_embeds``) keeps its embedded guidance: the student is trained, and
+must be sampled, with the couplings' ``guidance_scale``.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ import torch
 
 from . import reflow
 from .config import ConfigError, TrainConfig
-from .couplings import TeacherFlow, load_couplings
-from .objectives import CachedDataObjective
+from .couplings import TeacherFlow, flow_transformer_velocity, load_couplings
+from .objectives import CachedDataObjective, write_validation_grid
 
 LOSS_WEIGHTINGS = ("velocity", "native")
 
@@ -36,15 +42,15 @@ def vp_abar_of_sigma(s: torch.Tensor) -> torch.Tensor:
 
 
 def student_velocity(model, x_s: torch.Tensor, s: torch.Tensor, cond: dict, *, prediction_type: str,
-                     alphas_cumprod: torch.Tensor | None = None, num_train_timesteps: int = 1000) -> torch.Tensor:
+                     alphas_cumprod: torch.Tensor | None = None, num_train_timesteps: int = 1000,
+                     flow_family: str = "sd3") -> torch.Tensor:
     """The flow velocity a model predicts at the flow points ``(s, x_s)`` (``s``: per-sample ``(B,)``, CPU).
 
-    VP prediction types: UNet at ``flow_state_to_vp_input(x_s, s)``, output -> velocity. ``"flow"``: a FlowMatch
-    transformer at ``timestep = s * num_train_timesteps`` (its output is ``noise - x0``)."""
+    VP prediction types: UNet at ``flow_state_to_vp_input(x_s, s)``, output -> velocity. ``"flow"``: an SD3 /
+    FLUX transformer (``flow_family``) as its pipeline calls it (its output is ``noise - x0``)."""
     device = x_s.device
     if prediction_type == "flow":
-        t = (s.float() * num_train_timesteps).to(device)
-        return model(hidden_states=x_s, timestep=t, return_dict=False, **cond)[0].float()
+        return flow_transformer_velocity(model, flow_family, x_s, s, cond, num_train_timesteps).float()
     x_t, t = reflow.flow_state_to_vp_input(x_s, s, alphas_cumprod)
     out = model(x_t, t.to(device), **cond).sample
     return reflow.velocity_from_vp_output(out, x_t, vp_abar_of_sigma(s).to(device), prediction_type)
@@ -86,6 +92,7 @@ class ReflowObjective(CachedDataObjective):
                               f"got {config.reflow_time_distribution!r}")
         teacher = TeacherFlow(pipe)
         self.kind = teacher.kind
+        self.flow_family = teacher.family
         self.prediction_type = teacher.prediction_type
         self.alphas_cumprod = teacher.alphas_cumprod
         self.num_train_timesteps = teacher.num_train_timesteps
@@ -98,6 +105,15 @@ class ReflowObjective(CachedDataObjective):
         if m["teacher"] != self.kind or m["prediction_type"] != self.prediction_type:
             raise ConfigError(f"{where} come from a {m['teacher']}/{m['prediction_type']} teacher, but "
                               f"{config.pretrained_model} is {self.kind}/{self.prediction_type}")
+        if self.couplings.flow_family != self.flow_family:
+            raise ConfigError(f"{where} come from a {self.couplings.flow_family} teacher, but "
+                              f"{config.pretrained_model} is a {self.flow_family} model")
+        if bool(m.get("guidance_embeds")) != teacher.guidance_embeds:
+            raise ConfigError(f"{where}: the teacher {'had' if m.get('guidance_embeds') else 'had no'} guidance "
+                              f"embedding, {config.pretrained_model} "
+                              f"{'has' if teacher.guidance_embeds else 'has none'}")
+        # FLUX-dev: the embedded guidance the couplings were made with is the student's too
+        self.student_guidance = float(m["guidance_scale"]) if teacher.guidance_embeds else 1.0
         if abs(float(m["sigma_max"]) - self.sigma_max) > 1e-5:
             raise ConfigError(f"{where} start at flow time {m['sigma_max']:.6f}, this model's schedule at "
                               f"{self.sigma_max:.6f}: they were generated with another noise schedule")
@@ -145,7 +161,8 @@ class ReflowObjective(CachedDataObjective):
         """MSE between the student's velocity and the (piecewise) straight coupling velocity."""
         idx, s, x_s, v_target = self.targets(batch_size, gen)
         v_pred = student_velocity(unet, x_s.to(self.device), s, self._cond(idx), prediction_type=self.prediction_type,
-                                  alphas_cumprod=self.alphas_cumprod, num_train_timesteps=self.num_train_timesteps)
+                                  alphas_cumprod=self.alphas_cumprod, num_train_timesteps=self.num_train_timesteps,
+                                  flow_family=self.flow_family)
         weighting = None
         if self.config.reflow_loss_weighting == "native":
             weighting = native_loss_weight(s, self.prediction_type).to(self.device)
@@ -153,24 +170,56 @@ class ReflowObjective(CachedDataObjective):
         return loss, {"s_mean": float(s.mean())}
 
     # ------------------------------------------------------------------ sampling and card
+    def scheduler_spec(self) -> tuple[str, str, dict]:
+        """``(module, class, from_config kwargs)`` of the student's sampler (see the module docstring)."""
+        if self.flow_family == "flux":
+            return "diffusers", "FlowMatchEulerDiscreteScheduler", {"shift": 1.0, "use_dynamic_shifting": False}
+        return ("stepdistill.flow_scheduler", "PiecewiseRectifiedFlowScheduler",
+                {"num_windows": self.num_windows, "prediction_type": self.prediction_type})
+
     def scheduler_kwargs(self) -> dict:
-        return {"num_windows": self.num_windows, "prediction_type": self.prediction_type}
+        return self.scheduler_spec()[2]
 
     def set_student_scheduler(self, pipe):
-        from .flow_scheduler import PiecewiseRectifiedFlowScheduler
+        import importlib
 
-        pipe.scheduler = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, **self.scheduler_kwargs())
+        module, name, kwargs = self.scheduler_spec()
+        cls = getattr(importlib.import_module(module), name)
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
+
+    @torch.no_grad()
+    def validate(self, pipe, accelerator, step: int):
+        """The base class's validation grid; FLUX pipelines get packed latents from the couplings' noise
+        convention (``sampling.generate`` draws SD-shaped latents)."""
+        if self.flow_family != "flux":
+            return super().validate(pipe, accelerator, step)
+        from .couplings import _initial_noise, pack_flux_latents
+
+        prompts = list(self.config.validation_prompts)
+        shape = tuple(self.couplings.manifest["latent_shape"])
+        latents = pack_flux_latents(_initial_noise(range(len(prompts)), 0, shape))
+        latents = latents.to(pipe.device, pipe.transformer.dtype)
+        previous = pipe.scheduler
+        self.set_student_scheduler(pipe)
+        try:
+            rows = [(pipe(prompts, latents=latents, num_inference_steps=n, guidance_scale=self.student_guidance,
+                          height=self.resolution, width=self.resolution, output_type="np").images.clip(0, 1) * 255
+                     ).round().astype("uint8") for n in self.config.validation_step_counts]
+        finally:
+            pipe.scheduler = previous
+        write_validation_grid(rows, self.config, step, accelerator)
 
     def card(self, config: TrainConfig) -> dict:
         m = self.couplings.manifest
         K = self.num_windows
         name = ("rectified flow (reflow, InstaFlow-style) on teacher couplings" if K == 1
                 else f"piecewise rectified flow (PeRFlow-style, {K} windows) on teacher couplings")
+        module, scheduler, kwargs = self.scheduler_spec()
         return {"title": f"{'Reflow' if K == 1 else 'PeRFlow'}-LoRA (stepdistill)", "method": "reflow",
                 "method_name": name, "base_model": config.pretrained_model, "prediction_type": self.prediction_type,
-                "scheduler": "PiecewiseRectifiedFlowScheduler", "scheduler_module": "stepdistill.flow_scheduler",
-                "scheduler_kwargs": self.scheduler_kwargs(), "num_windows": K, "sigma_max": self.sigma_max,
-                "recommended_steps": K, "steps_multiple_of": K, "recommended_guidance": 1.0,
+                "scheduler": scheduler, "scheduler_module": module,
+                "scheduler_kwargs": kwargs, "num_windows": K, "sigma_max": self.sigma_max,
+                "recommended_steps": K, "steps_multiple_of": K, "recommended_guidance": self.student_guidance,
                 "coupling_teacher": m.get("model", ""), "coupling_solver": m["solver"],
                 "coupling_steps": m["num_steps"], "coupling_guidance": m["guidance_scale"],
                 "num_couplings": m["num_couplings"], "time_distribution": config.reflow_time_distribution,

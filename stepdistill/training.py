@@ -2,7 +2,10 @@
 
 A step draws a batch from the precomputed cache (no VAE encoder or text encoder in the loop), asks
 the method's objective for a loss, and updates only the LoRA parameters. The teacher is the same
-UNet with its adapter disabled (peft), so a LoRA run holds one copy of the base model. All of a
+UNet with its adapter disabled (peft), so a LoRA run holds one copy of the base model. The LoRA sits on
+the pipeline's denoiser: its ``unet`` (SD 1.x/2.x/SDXL; LCD or reflow) or, for flow-matching pipelines
+(SD3, FLUX.1; reflow only), its ``transformer`` -- the loop is the same, only the targets, the objective's
+model call and the output layout differ (see :func:`save_trained_lora`). All of a
 step's randomness comes from a generator seeded by (seed, step, micro-step, process), so a resumed
 run replays exactly the batches, noise and timesteps an uninterrupted one would have used.
 Checkpoints (LoRA weights, optimizer, LR scheduler, RNG states) are written to a temporary directory
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -72,13 +75,71 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     return final
 
 
+FLOW_BASE_FAMILIES = {"sd3": "sd3", "flux": "flux1"}  # couplings' flow family -> export's family tag
+
+
 def base_model_family(pipe) -> str:
-    """kohya's ``ss_base_model_version`` for the pipeline's family."""
+    """kohya's ``ss_base_model_version`` for the pipeline's family; ``sd3`` / ``flux1`` (the tags
+    :mod:`stepdistill.export` writes) for flow-matching transformers."""
+    if getattr(pipe, "unet", None) is None:
+        from .couplings import flow_family_of
+
+        family = flow_family_of(getattr(pipe, "transformer", None))
+        if family is None:
+            raise ConfigError(f"{type(pipe).__name__}: stepdistill trains LoRAs on UNet pipelines (SD 1.x/2.x/SDXL) "
+                              "and on SD3 / FLUX.1 transformers")
+        return FLOW_BASE_FAMILIES[family]
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl_base_v1-0"
     if getattr(pipe.unet.config, "cross_attention_dim", 768) == 1024:
         return "sd_v2"
     return "sd_v1"
+
+
+def lora_target_modules(config: TrainConfig, model) -> list[str]:
+    """``config.lora_target_modules``; its default (LCM-LoRA's UNet list) means the model's own default
+    (:func:`stepdistill.lora_io.default_target_modules`: the SD3 / FLUX lists for those transformers)."""
+    from . import lora_io
+
+    targets = list(config.lora_target_modules)
+    return lora_io.default_target_modules(model) if targets == lora_io.LCM_LORA_TARGET_MODULES else targets
+
+
+def check_method(config: TrainConfig, pipe):
+    """Refuse method/teacher combinations that do not exist (LCD needs an epsilon / v-prediction UNet)."""
+    if config.method == "lcd" and getattr(pipe, "unet", None) is None:
+        raise ConfigError(f"method='lcd' (latent consistency distillation) is for epsilon / v-prediction UNet "
+                          f"teachers; {config.pretrained_model} is a flow-matching {type(pipe).__name__} -- use "
+                          "method='reflow' (couplings from `stepdistill reflow couple`) for SD3 / FLUX")
+
+
+def save_trained_lora(out, model, family: str, metadata: dict, title: str, format: str = "kohya"):
+    """Write the trained adapter of ``model`` as ``out/pytorch_lora_weights.safetensors`` (fp16).
+
+    UNets: kohya's ``lora_unet_*`` layout (:func:`lora_io.save_lora`; ``format="diffusers"``: ``unet.*``).
+    SD3 / FLUX transformers: ``transformer.<path>.lora_A/B.weight`` with alpha folded into ``lora_B``
+    (:func:`stepdistill.export.write_adapter`, ``comfy-flow``). Why that layout: it is the one stock diffusers'
+    ``StableDiffusion3Pipeline`` / ``FluxPipeline.load_lora_weights`` load with every layer (tested layer by
+    layer) and the one ComfyUI maps for SD3 / FLUX as "regular diffusers" LoRAs (``transformer.{k}``); kohya's
+    ``lora_unet_`` names do not exist for transformers, and the onetrainer ``lora_transformer_`` keys are
+    refused or dropped by diffusers 0.42.1. Layers ComfyUI does not map (custom targets) are written with a
+    warning."""
+    from . import lora_io
+
+    if family not in FLOW_BASE_FAMILIES.values():
+        return lora_io.save_lora(out, model, format=format, base_model_version=family, metadata=metadata, title=title)
+    import warnings
+
+    from . import export
+
+    layers = lora_io.unet_lora_state_dict(model)
+    unmapped = export.comfy_unmapped(layers, family)
+    if unmapped:
+        warnings.warn(f"{len(unmapped)} LoRA layers are modules ComfyUI does not map for {family} (it will skip "
+                      f"them; diffusers loads them): {', '.join(unmapped[:6])}", UserWarning, stacklevel=2)
+    return export.write_adapter(layers, out, "comfy-flow" if format == "kohya" else "diffusers",
+                                component="transformer", family=family, metadata=metadata, dtype=torch.float16,
+                                title=title, allow_unmapped=True)
 
 
 def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
@@ -108,18 +169,21 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
 
     set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
     pipe = load_pipeline(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
-    unet = pipe.unet
+    check_method(config, pipe)
+    family = base_model_family(pipe)
+    denoiser = lora_io.denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
     objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
-    unet.requires_grad_(False)
+    denoiser.requires_grad_(False)
     alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
-    lora_io.add_lora_to_unet(unet, rank=config.lora_rank, alpha=alpha, target_modules=config.lora_target_modules)
+    lora_io.add_lora_to_unet(denoiser, rank=config.lora_rank, alpha=alpha,
+                             target_modules=lora_target_modules(config, denoiser))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     if weight_dtype != torch.float32:
-        unet.to(weight_dtype)
-        cast_training_params(unet, dtype=torch.float32)
+        denoiser.to(weight_dtype)
+        cast_training_params(denoiser, dtype=torch.float32)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
+        denoiser.enable_gradient_checkpointing()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -133,18 +197,18 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
-    wrapped_unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    wrapped, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
 
     def save_hook(models, weights, path):
         if accelerator.is_main_process:
-            sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped_unet))
+            sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped))
             save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()},
                       os.path.join(path, "lora_state.safetensors"))
         while weights:
             weights.pop()
 
     def load_hook(models, path):
-        set_peft_model_state_dict(accelerator.unwrap_model(wrapped_unet),
+        set_peft_model_state_dict(accelerator.unwrap_model(wrapped),
                                   load_file(os.path.join(path, "lora_state.safetensors")))
         while models:
             models.pop()
@@ -163,12 +227,12 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
 
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
                disable=not accelerator.is_local_main_process)
-    wrapped_unet.train()
+    wrapped.train()
     while global_step < config.max_train_steps:
         for micro in range(config.gradient_accumulation_steps):
             gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
-            with accelerator.accumulate(wrapped_unet):
-                loss, logs = objective.loss(wrapped_unet, accelerator.unwrap_model(wrapped_unet),
+            with accelerator.accumulate(wrapped):
+                loss, logs = objective.loss(wrapped, accelerator.unwrap_model(wrapped),
                                             config.train_batch_size, gen)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -195,23 +259,22 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(wrapped_unet)
+        raw = accelerator.unwrap_model(wrapped)
         metadata = objective.card(config)
         header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
-        lora_io.save_lora(output_dir, raw, format="kohya", base_model_version=base_model_family(pipe),
-                          metadata=header, title=metadata["title"])
+        save_trained_lora(output_dir, raw, family, header, metadata["title"])
         if config.save_diffusers_format:
-            lora_io.save_lora(output_dir / "diffusers", raw, format="diffusers",
-                              base_model_version=base_model_family(pipe), metadata=header, title=metadata["title"])
+            save_trained_lora(output_dir / "diffusers", raw, family, header, metadata["title"], format="diffusers")
         (output_dir / "stepdistill_card.json").write_text(json.dumps(metadata, indent=1))
-        (output_dir / "README.md").write_text(model_card_markdown(metadata))
+        layout = "transformer.* layout" if family in FLOW_BASE_FAMILIES.values() else "kohya layout"
+        (output_dir / "README.md").write_text(model_card_markdown(metadata, layout))
         if config.validation_prompts:
             objective.validate(pipe, accelerator, global_step)
     accelerator.end_training()
     return output_dir
 
 
-def model_card_markdown(card: dict) -> str:
+def model_card_markdown(card: dict, layout: str = "kohya layout") -> str:
     lines = [f"# {card.get('title', 'stepdistill adapter')}", "",
              f"A {card['method_name']} LoRA for `{card['base_model']}`, trained with stepdistill.", "",
              "| setting | value |", "|---|---|"]
@@ -221,7 +284,7 @@ def model_card_markdown(card: dict) -> str:
     lines += ["", "```python", "from diffusers import DiffusionPipeline",
               f"from {module} import {card['scheduler']}",
               f"pipe = DiffusionPipeline.from_pretrained({card['base_model']!r})",
-              "pipe.load_lora_weights('.')  # pytorch_lora_weights.safetensors (kohya layout)",
+              f"pipe.load_lora_weights('.')  # pytorch_lora_weights.safetensors ({layout})",
               f"pipe.scheduler = {card['scheduler']}.from_config(pipe.scheduler.config{kwargs})",
               f"image = pipe(prompt, num_inference_steps={card['recommended_steps']}, "
               f"guidance_scale={card['recommended_guidance']}).images[0]", "```", ""]

@@ -25,3 +25,30 @@ def test_published_lcm_lora_defaults(name):
     c = load_config(Path(__file__).parent.parent / "configs" / name)
     assert (c.lora_rank, c.learning_rate, c.num_ddim_timesteps, c.w_min, c.w_max) == (64, 1e-4, 50, 5.0, 15.0)
     assert len(c.lora_target_modules) == 14 and c.loss_type == "huber" and c.huber_c == 0.001
+
+
+def test_toy_reflow_recipe_file_matches_the_demo():
+    from stepdistill.reflow_demo import TOY_REFLOW_RECIPE
+
+    data = yaml.safe_load((Path(__file__).parent.parent / "configs" / "toy-reflow.yaml").read_text())
+    for key in ("output_dir", "couplings_dir", "reflow_time_distribution", "reflow_loss_weighting"):
+        data.pop(key, None)
+    assert data == TOY_REFLOW_RECIPE
+
+
+@pytest.mark.parametrize("name", ["sd15-reflow.yaml", "sdxl-reflow.yaml", "sd3-reflow.yaml", "flux-reflow.yaml"])
+def test_published_reflow_recipes_are_piecewise_with_four_windows(name):
+    c = load_config(Path(__file__).parent.parent / "configs" / name)
+    assert c.method == "reflow" and c.reflow_windows == 4 and c.couplings_dir
+
+
+def test_overrides_may_follow_options_on_the_command_line():
+    from stepdistill.cli import parse_args
+
+    args = parse_args(["reflow", "train", "configs/toy-reflow.yaml", "--couplings", "c", "reflow_windows=1", "seed=3"])
+    assert args.config == "configs/toy-reflow.yaml" and args.couplings == "c"
+    assert args.overrides == ["reflow_windows=1", "seed=3"]
+    args = parse_args(["distill", "--config", "x.yaml", "max_train_steps=5"])
+    assert args.overrides == ["max_train_steps=5"]
+    with pytest.raises(SystemExit):
+        parse_args(["reflow", "train", "--couplings", "c", "--no-such-flag"])

@@ -16,7 +16,7 @@ from stepdistill import lora_io, reflow
 from stepdistill.config import ConfigError, load_config
 from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
 from stepdistill.reflow_objective import ReflowObjective, native_loss_weight, student_velocity
-from stepdistill.training import TrainingInterrupted, train
+from stepdistill.training import train
 from test_couplings import PROMPTS, PointMassUNet, point_mass_pipe
 
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
@@ -67,18 +67,10 @@ def test_reflow_training_writes_a_lora_with_its_card(tiny_setup, tmp_path):
 
 
 def test_reflow_resume_is_exact(tiny_setup, tmp_path):
+    from resume_check import check_resume_is_exact
+
     model, couplings = tiny_setup
-    kw = dict(max_train_steps=4, checkpointing_steps=2, reflow_time_distribution="logit_normal")
-    full = train(_config(model, couplings, tmp_path / "full", **kw))
-    with pytest.raises(TrainingInterrupted):
-        train(_config(model, couplings, tmp_path / "crashed", **kw), interrupt_after=3)
-    resumed = train(_config(model, couplings, tmp_path / "crashed", resume_from_checkpoint="latest", **kw))
-    a = load_file(str(full / "checkpoint-4" / "lora_state.safetensors"))
-    b = load_file(str(resumed / "checkpoint-4" / "lora_state.safetensors"))
-    start = load_file(str(full / "checkpoint-2" / "lora_state.safetensors"))
-    assert a.keys() == b.keys() and any(not torch.equal(start[k], a[k]) for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    check_resume_is_exact(lambda out, **kw: _config(model, couplings, out, **kw), tmp_path)
 
 
 def test_targets_are_the_piecewise_segments_and_windows_subsample(tiny_setup, tiny_random_pipe):
