@@ -57,7 +57,9 @@ class TrainConfig:
     timestep_scaling_factor: float = 10.0
     # reflow
     reflow_windows: int = 1                  # 1: InstaFlow-style single window; >1: PeRFlow piecewise
-    reflow_time_distribution: str = "uniform"
+    reflow_time_distribution: str = "uniform"  # "uniform", "logit_normal", or "noise" (s = sigma_max only:
+                                               # InstaFlow's one-step distillation stage)
+    init_lora: str | None = None             # start the trained adapter from this LoRA file (same layers/rank)
     reflow_loss_weighting: str = "velocity"    # "velocity": MSE on the flow velocity (Rectified Flow eq. 1);
                                                # "native": MSE in the model's output space (eps/v/x0)
     # bookkeeping

@@ -957,8 +957,13 @@ def _cmd_couple(args):
     from .sampling import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
+    if args.lora:  # couplings of a student (InstaFlow's 2nd stage: the reflowed model's own ODE), LoRAs fused
+        from .cli import _parse_lora
+        from .sampling import load_loras_into_pipeline
+
+        load_loras_into_pipeline(pipe, [_parse_lora(x) for x in args.lora], fuse=True)
     prompts = read_prompts(args.prompts)
-    guidance = _default_guidance(args.model, args.guidance, pipe)
+    guidance = 1.0 if args.lora and args.guidance is None else _default_guidance(args.model, args.guidance, pipe)
     res = generate_couplings(pipe, prompts, args.out, num_steps=args.steps, solver=args.solver,
                              guidance_scale=guidance, num_windows=args.windows, seed=args.seed,
                              shard_size=args.shard_size, batch_size=args.batch_size, spacing=args.spacing,
@@ -1049,6 +1054,9 @@ def add_reflow_commands(subparsers) -> argparse.ArgumentParser:
                    help="steps inside a window: uniform in flow time, or in the teacher's own clock")
     c.add_argument("--shard-size", type=int, default=256)
     c.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float32")
+    c.add_argument("--lora", action="append", default=[],
+                   help="PATH[:WEIGHT], fused into the model first: couplings of a student (e.g. the reflow LoRA, "
+                        "for the one-step distillation stage; guidance then defaults to 1)")
     c.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels (default: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL/SD3/FLUX)")
     c.set_defaults(func=_cmd_couple)

@@ -261,6 +261,30 @@ def unet_lora_state_dict(unet, adapter_name: str = "default") -> LoraLayers:
     return layers
 
 
+def init_adapter_from_file(model, path: str | os.PathLike, adapter_name: str = "default") -> int:
+    """Copy a LoRA file (any supported layout) into ``model``'s trainable adapter, so training continues from it
+    (InstaFlow's second stage starts from the reflowed student). Same layers and ranks required; the file's
+    ``alpha / r`` is folded into ``lora_B`` for the adapter's own scale, so ``W + delta`` is unchanged.
+    Returns the number of layers copied."""
+    layers = read_lora_layers(path, model)
+    modules = _lora_modules(model, adapter_name)
+    missing, extra = sorted(set(modules) - set(layers)), sorted(set(layers) - set(modules))
+    if missing or extra:
+        raise LoraFormatError(f"init_lora {path}: its layers do not match the adapter being trained "
+                            f"({len(missing)} adapter layers not in the file, e.g. {missing[:3]}; {len(extra)} file "
+                            f"layers not in the adapter, e.g. {extra[:3]}); use the same lora_target_modules")
+    with torch.no_grad():
+        for name, (down, up, alpha) in layers.items():
+            module = modules[name]
+            a, b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            if down.shape != a.shape or up.shape != b.shape:
+                raise LoraFormatError(f"init_lora {path}: {name} has rank {down.shape[0]}, the adapter being trained "
+                                    f"rank {a.shape[0]}; set lora_rank to the file's rank")
+            a.copy_(down.to(a))
+            b.copy_((up.float() * (alpha / down.shape[0]) / _intrinsic_scale(module, adapter_name)).to(b))
+    return len(layers)
+
+
 def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
     """Effective weight update ``alpha / r * up @ down``, flattened to (out, in * kh * kw), float32."""
     r = down.shape[0]

@@ -186,7 +186,9 @@ def sample_flow_times(
 
     ``"uniform"``: ``u ~ U(0, 1)`` (Rectified Flow). ``"logit_normal"``: ``u = sigmoid(n)``,
     ``n ~ N(logit_mean, logit_std)`` (SD3, Esser et al. 2024, Sec. 3.1 "logit-normal sampling"; SD3 uses
-    the same noise-at-1 clock as here). Then ``s = sigma_min + (sigma_max - sigma_min) * u``; use
+    the same noise-at-1 clock as here). ``"noise"``: ``u = 1`` always: the one-step distillation of InstaFlow
+    (Liu et al. 2023, eq. 6 with an L2 distance): the velocity at the noise end is regressed onto
+    ``z_noise - z_data``, i.e. one Euler step from the noise must land on the coupling's data. Then ``s = sigma_min + (sigma_max - sigma_min) * u``; use
     ``sigma_max = vp_sigma_max(alphas_cumprod)`` for students of VP teachers.
     """
     gen_device = generator.device if generator is not None else (device or "cpu")
@@ -195,8 +197,10 @@ def sample_flow_times(
     elif distribution == "logit_normal":
         n = torch.randn(batch, generator=generator, device=gen_device)
         u = torch.sigmoid(logit_mean + logit_std * n)
+    elif distribution == "noise":
+        u = torch.ones(batch, device=gen_device)
     else:
-        raise ValueError(f"unknown distribution {distribution!r}; expected 'uniform' or 'logit_normal'")
+        raise ValueError(f"unknown distribution {distribution!r}; expected 'uniform', 'logit_normal' or 'noise'")
     s = sigma_min + (sigma_max - sigma_min) * u
     return s.to(device) if device is not None else s
 

@@ -87,8 +87,8 @@ class ReflowObjective(CachedDataObjective):
         if config.reflow_loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"reflow_loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                               f"got {config.reflow_loss_weighting!r}")
-        if config.reflow_time_distribution not in ("uniform", "logit_normal"):
-            raise ConfigError(f"reflow_time_distribution must be 'uniform' or 'logit_normal', "
+        if config.reflow_time_distribution not in ("uniform", "logit_normal", "noise"):
+            raise ConfigError(f"reflow_time_distribution must be 'uniform', 'logit_normal' or 'noise', "
                               f"got {config.reflow_time_distribution!r}")
         teacher = TeacherFlow(pipe)
         self.kind = teacher.kind
@@ -126,6 +126,9 @@ class ReflowObjective(CachedDataObjective):
             raise ConfigError(f"reflow_windows={K} must divide the couplings' num_windows={K_c} (their boundary "
                               f"states are at {K_c} uniform windows); regenerate couplings with --windows {K}")
         self.num_windows = K
+        if config.reflow_time_distribution == "noise" and K != 1:
+            raise ConfigError("reflow_time_distribution='noise' (one-step distillation) needs reflow_windows=1: "
+                              f"got {K}")
         self.stride = K_c // K
         self.boundaries = self.couplings.sigma_boundaries[::self.stride].float()
         expected = reflow.window_boundaries(K, sigma_max=self.sigma_max)

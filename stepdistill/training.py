@@ -177,6 +177,9 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
     lora_io.add_lora_to_unet(denoiser, rank=config.lora_rank, alpha=alpha,
                              target_modules=lora_target_modules(config, denoiser))
+    if config.init_lora:  # continue from an earlier adapter (e.g. InstaFlow's 2nd stage from the reflow LoRA)
+        n = lora_io.init_adapter_from_file(denoiser, config.init_lora)
+        accelerator.print(f"adapter initialised from {config.init_lora} ({n} layers)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     if weight_dtype != torch.float32:
         denoiser.to(weight_dtype)

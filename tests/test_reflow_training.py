@@ -244,3 +244,38 @@ def test_cli_reflow_train(tiny_setup, tmp_path):
     args = parser.parse_args(["reflow", "train", str(tmp_path / "lcd.yaml"), "--couplings", couplings])
     with pytest.raises(ConfigError, match="not a reflow one"):
         args.func(args)
+
+
+def test_one_step_distillation_stage_starts_from_the_reflow_lora(tiny_setup, tmp_path):
+    """InstaFlow's 2nd stage: `init_lora` puts the reflow LoRA into the trained adapter exactly (a zero-lr run
+    writes it back unchanged up to fp16), `reflow_time_distribution='noise'` trains only at the noise end, and
+    the stage refuses windows or a LoRA of another rank."""
+    model, couplings = tiny_setup
+    stage1 = train(_config(model, couplings, tmp_path / "stage1", reflow_windows=1, lora_alpha=8))
+    first = lora_io.read_lora_layers(stage1 / "pytorch_lora_weights.safetensors")
+    same = train(_config(model, couplings, tmp_path / "copy", reflow_windows=1, init_lora=str(stage1),
+                         learning_rate=0.0, max_train_steps=1, lr_warmup_steps=0))
+    copied = lora_io.read_lora_layers(same / "pytorch_lora_weights.safetensors")
+    assert copied.keys() == first.keys()
+    for name, (down, up, alpha) in first.items():
+        torch.testing.assert_close(lora_io.lora_delta(*copied[name]), lora_io.lora_delta(down, up, alpha),
+                                   atol=2e-3 * float(lora_io.lora_delta(down, up, alpha).abs().max()) + 1e-6,
+                                   rtol=0, msg=name)
+    # the stage's couplings come from the reflowed student itself (CLI: --lora fuses it; guidance defaults to 1)
+    from stepdistill.cli import main
+
+    main(["reflow", "couple", "--model", model, "--lora", str(stage1), "--prompts", "toy:3", "--steps", "2",
+          "--out", str(tmp_path / "c2"), "--device", "cpu"])
+    student_couplings = C.load_couplings(tmp_path / "c2")
+    assert student_couplings.manifest["guidance_scale"] == 1.0 and len(student_couplings) == 3
+    assert not torch.equal(student_couplings.tensor("data"), C.load_couplings(couplings).tensor("data")[:3])
+    stage2 = train(_config(model, str(tmp_path / "c2"), tmp_path / "stage2", reflow_windows=1,
+                           init_lora=str(stage1), reflow_time_distribution="noise"))
+    second = lora_io.read_lora_layers(stage2 / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(second[n][1], first[n][1]) for n in first)  # it trained from there
+    s = reflow.sample_flow_times(5, torch.Generator().manual_seed(0), "noise", sigma_max=0.99)
+    assert torch.equal(s, torch.full((5,), 0.99))
+    with pytest.raises(ConfigError, match="reflow_windows=1"):
+        train(_config(model, couplings, tmp_path / "bad", reflow_windows=2, reflow_time_distribution="noise"))
+    with pytest.raises(lora_io.LoraFormatError, match="rank"):
+        train(_config(model, couplings, tmp_path / "bad2", reflow_windows=1, lora_rank=2, init_lora=str(stage1)))
