@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, environment, interleaved, markdown_table, median, spread  # noqa: E402
+from common import finish, interleaved, markdown_table, median, spread  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -293,10 +293,7 @@ def main(argv=None):
         body += markdown_table(["configuration", "batch", "latency, median (min-max)", "images/s",
                                 "speed-up vs teacher"], srows)
     print("\n".join(body))
-    env = environment(device)
-    print(f"[{env['device']}; torch {env['torch']}; diffusers {env['diffusers']}]")
-    if not args.no_append:
-        print(f"appended to {append_results('bench_gpu: SD-1.5-sized LCD training and sampling', device, body)}")
+    finish("bench_gpu: SD-1.5-sized LCD training and sampling", device, body, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, default_model, device_of, environment, interleaved, markdown_table, median, spread  # noqa: E402
+from common import default_model, device_of, finish, interleaved, markdown_table, median, spread  # noqa: E402
 
 
 def untrained_lora(args, pipe) -> str:
@@ -162,10 +162,7 @@ def main(argv=None):
     if device.type == "cpu":
         body += ["", "CPU run on a shared machine: the speed-ups (same run, interleaved) are the figures; latencies are "
                  "indicative only."]
-    env = environment(device)
-    print(f"[{env['device']}; torch {env['torch']}; diffusers {env['diffusers']}]")
-    if not args.no_append:
-        print(f"appended to {append_results('bench_sampling: teacher vs few-step students', device, body)}")
+    finish("bench_sampling: teacher vs few-step students", device, body, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ReferenceLCDStep, append_results, default_model, device_of, environment, interleaved,  # noqa: E402
-                    markdown_table, median, spread, timed)
+from common import (ReferenceLCDStep, default_model, device_of, finish, interleaved,  # noqa: E402
+                    markdown_table, median, spread)
 
 
 def toolkit_trainer(config, device: torch.device, pipe=None):
@@ -40,13 +40,10 @@ def toolkit_trainer(config, device: torch.device, pipe=None):
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
 
-    from stepdistill import lora_io
     from stepdistill.objectives import build_objective
     from stepdistill.sampling import load_pipeline
-    from stepdistill.training import step_generator
+    from stepdistill.training import setup_adapter_and_optimizer, step_generator, training_step
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
     set_seed(config.seed)
@@ -56,33 +53,14 @@ def toolkit_trainer(config, device: torch.device, pipe=None):
     t0 = time.perf_counter()
     objective = build_objective(config, pipe, accelerator)  # builds the latent/text cache
     cache_seconds = time.perf_counter() - t0
-    unet.requires_grad_(False)
-    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
-    lora_io.add_lora_to_unet(unet, rank=config.lora_rank, alpha=alpha, target_modules=config.lora_target_modules)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    if weight_dtype != torch.float32:
-        unet.to(weight_dtype)
-        cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_train_steps)
+    params, optimizer, lr_scheduler = setup_adapter_and_optimizer(config, unet, accelerator)  # train()'s own setup
     wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    raw = accelerator.unwrap_model(wrapped)
     wrapped.train()
     state = {"step": 0}
 
-    def step():  # the body of train()'s loop (gradient_accumulation_steps = 1)
+    def step():  # train()'s loop body (gradient_accumulation_steps = 1)
         gen = step_generator(config.seed, state["step"], 0, accelerator.process_index)
-        with accelerator.accumulate(wrapped):
-            loss, _ = objective.loss(wrapped, raw, config.train_batch_size, gen)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
         state["step"] += 1
 
     return step, cache_seconds, pipe
@@ -145,39 +123,32 @@ def component_timers(ref, batch_size: int, resolution: int, device: torch.device
 
 
 def reflow_trainer(model: str, device: torch.device, args, work: Path):
-    """Reflow training step through the same loop, when ``stepdistill.reflow_objective`` exists. Without
-    ``--reflow-couplings`` a small coupling set is generated first (timed separately, one-time cost).
-    Returns (step function or None, skip reason or None, notes)."""
+    """Reflow training step through the same loop. Without ``--reflow-couplings`` a small coupling set is generated
+    first (timed separately, one-time cost). Returns (step function, None, notes): the same shape as when a path
+    is skipped."""
     import time
 
-    try:
-        import stepdistill.reflow_objective  # noqa: F401
-    except ImportError as e:
-        return None, f"stepdistill.reflow_objective not importable ({e})", []
     from stepdistill.config import load_config
 
     notes = []
-    try:
-        couplings = args.reflow_couplings
-        if couplings is None:
-            from stepdistill.couplings import generate_couplings
-            from stepdistill.sampling import load_pipeline
-            from stepdistill.toy.world import evaluation_prompts
+    couplings = args.reflow_couplings
+    if couplings is None:
+        from stepdistill.couplings import generate_couplings
+        from stepdistill.sampling import load_pipeline
+        from stepdistill.toy.world import evaluation_prompts
 
-            couplings = str(work / "couplings")
-            pipe = load_pipeline(model, device=str(device), dtype=torch.float32)
-            t0 = time.perf_counter()
-            generate_couplings(pipe, evaluation_prompts(args.reflow_pairs, seed=0), couplings, num_steps=8,
-                               num_windows=args.reflow_windows, model_id=model, progress=False)
-            notes.append(f"reflow couplings: {args.reflow_pairs} teacher ODE solves (8 DDIM steps, CFG 5, "
-                         f"{args.reflow_windows} windows) generated here in {time.perf_counter() - t0:.2f} s (one-time)")
-            del pipe
-        config = load_config(None, **_config_kwargs(args, model, work / "reflow", method="reflow",
-                                                     couplings_dir=couplings, reflow_windows=args.reflow_windows))
-        step, _, _ = toolkit_trainer(config, device)
-        step()
-    except Exception as e:  # noqa: BLE001 - a colleague's module in progress; report why it was skipped
-        return None, f"reflow objective could not be built/run here: {type(e).__name__}: {e}", notes
+        couplings = str(work / "couplings")
+        pipe = load_pipeline(model, device=str(device), dtype=torch.float32)
+        t0 = time.perf_counter()
+        generate_couplings(pipe, evaluation_prompts(args.reflow_pairs, seed=0), couplings, num_steps=8,
+                           num_windows=args.reflow_windows, model_id=model, progress=False)
+        notes.append(f"reflow couplings: {args.reflow_pairs} teacher ODE solves (8 DDIM steps, CFG 5, "
+                     f"{args.reflow_windows} windows) generated here in {time.perf_counter() - t0:.2f} s (one-time)")
+        del pipe
+    config = load_config(None, **_config_kwargs(args, model, work / "reflow", method="reflow",
+                                                 couplings_dir=couplings, reflow_windows=args.reflow_windows))
+    step, _, _ = toolkit_trainer(config, device)
+    step()
     return step, None, notes
 
 
@@ -254,7 +225,6 @@ def main(argv=None):
     saved = med["reference"] - med["toolkit"]
     breakeven = f"the time the reference loses in {cache_seconds / saved:.0f} steps" if saved > 0 else \
         "not recovered in this run (the toolkit step was not faster)"
-    env = environment(device)
     body = [f"Model `{model}` ({resolution}px), LCD, batch {bs}, LoRA rank {args.rank} on the 14 LCM-LoRA target types, "
             f"mixed precision `{args.mixed_precision}`, {args.repeats} interleaved blocks of {args.steps_per_block} "
             f"steps per path after 1 warm-up block.", ""]
@@ -277,10 +247,8 @@ def main(argv=None):
     if device.type == "cpu":
         body.append("- CPU run: only the ratios are meaningful (shared machine); absolute times are indicative")
     print("\n".join(body))
-    print(f"[{env['device']}; torch {env['torch']}; diffusers {env['diffusers']}]")
-    if not args.no_append:
-        path = append_results("bench_training: LCD training throughput, toolkit vs reference recipe", device, body)
-        print(f"appended to {path}")
+    finish("bench_training: LCD training throughput, toolkit vs reference recipe", device, body,
+           append=not args.no_append)
 
 
 if __name__ == "__main__":

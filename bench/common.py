@@ -72,6 +72,15 @@ def append_results(title: str, device: torch.device, body: list[str], path: Path
     return path
 
 
+def finish(title: str, device: torch.device, body: list[str], append: bool = True):
+    """End of every bench script: print the environment line and (unless ``--no-append``) append ``body`` to
+    RESULTS.md under ``title``."""
+    env = environment(device)
+    print(f"[{env['device']}; torch {env['torch']}; diffusers {env['diffusers']}]")
+    if append:
+        print(f"appended to {append_results(title, device, body)}")
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 def synchronize(device: torch.device):

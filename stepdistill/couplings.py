@@ -357,32 +357,12 @@ class TeacherFlow:
         return float(math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu)
 
     # -------------------------------------------------------------- text
-    @torch.no_grad()
     def encode(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
         """``pipe.encode_prompt`` without guidance, batched; float32 on the CPU."""
-        embeds, pooled = [], []
-        for i in range(0, len(prompts), batch_size):
-            chunk = list(prompts[i:i + batch_size])
-            if self.family == "flux":
-                e, p, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=None, device=self.device,
-                                                  num_images_per_prompt=1)
-                pooled.append(p.float().cpu())
-            elif self.family == "sd3":
-                e, _, p, _ = self.pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=self.device,
-                                                     num_images_per_prompt=1, do_classifier_free_guidance=False)
-                pooled.append(p.float().cpu())
-            elif self.is_sdxl:
-                e, _, p, _ = self.pipe.encode_prompt(chunk, device=self.device, num_images_per_prompt=1,
-                                                     do_classifier_free_guidance=False)
-                pooled.append(p.float().cpu())
-            else:
-                e, _ = self.pipe.encode_prompt(chunk, device=self.device, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=False)
-            embeds.append(e.float().cpu())
-        out = {"prompt_embeds": torch.cat(embeds)}
-        if pooled:
-            out["pooled"] = torch.cat(pooled)
-        return out
+        from .precompute import encode_captions
+
+        family = self.family if self.kind == "flow" else ("sdxl" if self.is_sdxl else "sd")
+        return encode_captions(self.pipe, prompts, batch_size, family=family, device=self.device)
 
     def encode_table(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
         """Embeddings of ``prompts`` plus the unconditional row last (what the pipeline uses for CFG; FLUX
@@ -421,7 +401,6 @@ class TeacherFlow:
         ``cond``/``uncond``: dicts of per-sample tensors (``prompt_embeds``, and ``pooled``/``time_ids`` where the
         model takes them) on the model's device; ``uncond`` may be None when ``guidance == 1`` (and is ignored
         for FLUX, whose ``guidance`` is the embedded guidance)."""
-        B = z.shape[0]
         if self.kind == "vp":
             x, t = reflow.flow_state_to_vp_input(z.float(), torch.tensor(float(s), dtype=torch.float64),
                                                  self.alphas_cumprod)

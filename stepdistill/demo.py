@@ -11,7 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from . import metrics
 from .sampling import generate, image_grid, load_pipeline, load_loras_into_pipeline, set_scheduler

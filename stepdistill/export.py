@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import datetime
 import json
-import math
 import os
 import re
 import sys
@@ -146,45 +145,8 @@ class Adapter:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _open_safetensors(path: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / lora_io.LORA_WEIGHT_NAME
-    if not p.is_file():
-        raise FileNotFoundError(f"no LoRA file at {p}")
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraFormatError(f"{p} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-    return p, state_dict, metadata
-
-
 def _is_flow_state_dict(keys) -> bool:
     return any(k.startswith(("transformer.", ONETRAINER_PREFIX)) for k in keys)
-
-
-def _split_name(name: str, vocabulary: set[str]) -> str | None:
-    """Longest-match split of an ``_``-joined module name into known components (digits are components)."""
-    tokens = name.split("_")
-    parts, i = [], 0
-    while i < len(tokens):
-        for j in range(len(tokens), i, -1):
-            cand = "_".join(tokens[i:j])
-            if cand in vocabulary or (j == i + 1 and cand.isdigit()):
-                parts.append(cand)
-                i = j
-                break
-        else:
-            return None
-    return ".".join(parts)
-
-
-def _model_linear_paths(model) -> dict[str, torch.nn.Module]:
-    return lora_io._unet_modules(model)
 
 
 def _read_flow(state_dict: Mapping[str, torch.Tensor], where: str, model=None) -> tuple[LoraLayers, str]:
@@ -208,7 +170,7 @@ def _read_flow(state_dict: Mapping[str, torch.Tensor], where: str, model=None) -
             raise LoraFormatError(f"{where}: malformed onetrainer-style LoRA: {e}") from None
         by_name: dict[str, list[str]] = collections.defaultdict(list)
         if model is not None:
-            for p in _model_linear_paths(model):
+            for p in lora_io._unet_modules(model):
                 by_name[p.replace(".", "_")].append(p)
         layers: LoraLayers = {}
         for name, parts in groups.items():
@@ -219,7 +181,7 @@ def _read_flow(state_dict: Mapping[str, torch.Tensor], where: str, model=None) -
                                           "base model -- was this LoRA trained for a different base?")
                 path = cands[0]
             else:
-                path = _split_name(name, _TRANSFORMER_NAME_PARTS)
+                path = lora_io.split_module_name(name, _TRANSFORMER_NAME_PARTS)
                 if path is None:
                     raise LoraFormatError(f"{where}: cannot map {ONETRAINER_PREFIX}{name} to a transformer module "
                                           "path without the model; pass --base")
@@ -273,7 +235,7 @@ def read_adapter(path: str | os.PathLike, base_model=None) -> Adapter:
     ``transformer.*`` or ``lora_transformer_*``). ``base_model``: the UNet / transformer (or a pipeline) to match
     kohya names against and check shapes. Malformed files raise :class:`LoraFormatError`."""
     model = _component_model(base_model)
-    p, state_dict, metadata = _open_safetensors(path)
+    p, state_dict, metadata = lora_io.open_safetensors(path)
     if not state_dict:
         raise LoraFormatError(f"{p} holds no tensors")
     if _is_flow_state_dict(state_dict):
@@ -323,7 +285,7 @@ def load_component(model: str):
 
 
 def _check_against_model(layers: LoraLayers, model, where: str):
-    modules = _model_linear_paths(model)
+    modules = lora_io._unet_modules(model)
     bad = [p for p in layers if p not in modules]
     bad += [s for p, (d, u, _) in layers.items() if p in modules
             and (s := lora_io._shape_problem(p, modules[p], d, u))]

@@ -335,14 +335,15 @@ _UNET_NAME_PARTS = {
 }
 
 
-def _invert_kohya_name_heuristic(name: str) -> str | None:
-    """Longest-match split of a kohya module name into diffusers UNet path components; None if impossible."""
+def split_module_name(name: str, vocabulary: set[str]) -> str | None:
+    """Longest-match split of an ``_``-joined module name into known components (digits are components), joined
+    with dots; None if impossible. Inverts kohya-style names without a model."""
     tokens = name.split("_")
     parts, i = [], 0
     while i < len(tokens):
         for j in range(len(tokens), i, -1):
             cand = "_".join(tokens[i:j])
-            if cand in _UNET_NAME_PARTS or (j == i + 1 and cand.isdigit()):
+            if cand in vocabulary or (j == i + 1 and cand.isdigit()):
                 parts.append(cand)
                 i = j
                 break
@@ -442,7 +443,7 @@ def from_kohya(state_dict: Mapping[str, torch.Tensor], unet=None) -> LoraLayers:
     else:
         paths = {}
         for name in groups:
-            path = _invert_kohya_name_heuristic(name)
+            path = split_module_name(name, _UNET_NAME_PARTS)
             if path is None:
                 raise LoraFormatError(
                     f"cannot map {KOHYA_PREFIX}{name} to a diffusers UNet module path without the model; "
@@ -659,14 +660,9 @@ def _detect_format(keys: list[str]) -> str:
     return ""
 
 
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """``(state_dict, metadata, format)`` of a LoRA file (or a directory holding ``pytorch_lora_weights.safetensors``).
-
-    ``format`` is ``"kohya"``, ``"diffusers"`` (``unet.<path>.lora_A/B``, or ``transformer.<path>...`` for SD3/FLUX
-    transformers), ``"peft"`` (``base_model.model.`` or
-    bare ``<path>.lora_A/B`` keys) or ``"diffusers_legacy"`` (``lora.down``/``lora.up``). Malformed files raise
-    :class:`LoraFormatError`.
-    """
+def open_safetensors(path: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """``(file, tensors, header metadata)`` of a safetensors file, or of ``pytorch_lora_weights.safetensors`` in a
+    directory; an unreadable file raises :class:`LoraFormatError` naming it."""
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -680,7 +676,18 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraFormatError(f"{p} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return p, state_dict, metadata
 
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """``(state_dict, metadata, format)`` of a LoRA file (or a directory holding ``pytorch_lora_weights.safetensors``).
+
+    ``format`` is ``"kohya"``, ``"diffusers"`` (``unet.<path>.lora_A/B``, or ``transformer.<path>...`` for SD3/FLUX
+    transformers), ``"peft"`` (``base_model.model.`` or
+    bare ``<path>.lora_A/B`` keys) or ``"diffusers_legacy"`` (``lora.down``/``lora.up``). Malformed files raise
+    :class:`LoraFormatError`.
+    """
+    p, state_dict, metadata = open_safetensors(path)
     keys = sorted(state_dict)
     fmt = _detect_format(keys)
     if not fmt:

@@ -39,17 +39,29 @@ def _is_sdxl(pipe) -> bool:
 
 
 @torch.no_grad()
-def encode_captions(pipe, captions: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Text embeddings exactly as the pipeline computes them at inference (``pipe.encode_prompt``)."""
+def encode_captions(pipe, captions: list[str], batch_size: int = 64, *, family: str | None = None,
+                    device=None) -> dict[str, torch.Tensor]:
+    """Text embeddings exactly as the pipeline computes them at inference (``pipe.encode_prompt``, no guidance),
+    batched, float32 on the CPU: ``prompt_embeds`` and, for SDXL / SD3 / FLUX, ``pooled``. ``family``: "sd",
+    "sdxl", "sd3" or "flux" (default: SDXL when the pipeline has a second text encoder, else SD)."""
+    family = family or ("sdxl" if _is_sdxl(pipe) else "sd")
+    device = device if device is not None else pipe.device
     embeds, pooled = [], []
     for i in range(0, len(captions), batch_size):
-        chunk = captions[i:i + batch_size]
-        if _is_sdxl(pipe):
-            e, _, p, _ = pipe.encode_prompt(chunk, device=pipe.device, num_images_per_prompt=1,
+        chunk = list(captions[i:i + batch_size])
+        if family == "flux":
+            e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, num_images_per_prompt=1)
+            pooled.append(p.float().cpu())
+        elif family == "sd3":
+            e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
+                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
+            pooled.append(p.float().cpu())
+        elif family == "sdxl":
+            e, _, p, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
                                             do_classifier_free_guidance=False)
             pooled.append(p.float().cpu())
         else:
-            e, _ = pipe.encode_prompt(chunk, device=pipe.device, num_images_per_prompt=1,
+            e, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)
         embeds.append(e.float().cpu())
     out = {"prompt_embeds": torch.cat(embeds)}

@@ -219,12 +219,9 @@ def finetune_base(base: str, out_dir: str | Path, recipe: FinetuneRecipe = Finet
     """Full-UNet fine-tune of ``base`` on a shifted subset (epsilon objective, text encoder and VAE frozen);
     saves a pipeline directory (same family, new weights) and returns it."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
 
     from .sampling import load_pipeline
-    from .style import sample_styled_scenes
-    from .toy.teacher import encode_pool, images_to_tensor
+    from .style import denoising_finetune, encode_scene_pool, sample_styled_scenes
 
     if recipe.shift not in SHIFTS:
         raise ValueError(f"unknown shift {recipe.shift!r}; one of {sorted(SHIFTS)}")
@@ -234,41 +231,13 @@ def finetune_base(base: str, out_dir: str | Path, recipe: FinetuneRecipe = Finet
     pipe = load_pipeline(base, device=device, dtype=torch.float32)
     images, scenes = sample_styled_scenes(recipe.n_images, recipe.data_seed, style=recipe.style,
                                           where=SHIFTS[recipe.shift][0])
-    with torch.no_grad():
-        lat_mean, lat_std = encode_pool(pipe.vae, images_to_tensor(images).to(device))
-        captions = sorted({s.caption for s in scenes})
-        index = {c: i for i, c in enumerate(captions)}
-        tok = pipe.tokenizer
-        ids = tok(captions + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        context = torch.cat([pipe.text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
-    caption_idx = torch.tensor([index[s.caption] for s in scenes])
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    scaling = pipe.vae.config.scaling_factor
+    pool = encode_scene_pool(pipe, images, scenes, device)
     unet = pipe.unet
     unet.requires_grad_(True)
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.learning_rate, weight_decay=1e-2)
-    losses = []
-    for step in range(recipe.steps):
-        idx = torch.randint(0, len(lat_mean), (recipe.batch_size,), generator=gen)
-        latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen).to(device)) * scaling
-        cidx = caption_idx[idx].clone()
-        cidx[torch.rand(len(idx), generator=gen) < recipe.caption_dropout] = len(captions)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, context[cidx.to(device)]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"fine-tune step {step + 1}/{recipe.steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
-    unet.eval()
+    losses = denoising_finetune(pipe, pool, list(unet.parameters()), steps=recipe.steps,
+                                batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+                                caption_dropout=recipe.caption_dropout, gen=gen, device=device,
+                                log_every=log_every, label="fine-tune")
     unet.requires_grad_(False)
     out = Path(out_dir)
     pipe.save_pretrained(str(out), safe_serialization=True)

@@ -33,7 +33,6 @@ ordinary captions, and saves it in the kohya layout with ``stepdistill.method = 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -259,23 +258,13 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
-def train_style_lora(base: str, out_dir: str | Path, recipe: StyleRecipe = StyleRecipe(),
-                     device: str = "cpu", log_every: int = 50) -> Path:
-    """Fine-tune a LoRA on ``base``'s UNet on ``recipe.style`` renders (epsilon objective); returns the file."""
+def encode_scene_pool(pipe, images, scenes, device) -> dict:
+    """The VAE posterior (mean, std) of each image and the text-encoder context of each distinct caption plus the
+    empty prompt (last row), once, for :func:`denoising_finetune`."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
 
-    from . import lora_io
-    from .sampling import load_pipeline
     from .toy.teacher import encode_pool, images_to_tensor
 
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    torch.manual_seed(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed + 17)
-    pipe = load_pipeline(base, device=device, dtype=torch.float32)
-    images, scenes = sample_styled_scenes(recipe.n_images, recipe.data_seed, style=recipe.style)
     with torch.no_grad():
         lat_mean, lat_std = encode_pool(pipe.vae, images_to_tensor(images).to(device))
         captions = sorted({s.caption for s in scenes})
@@ -284,27 +273,37 @@ def train_style_lora(base: str, out_dir: str | Path, recipe: StyleRecipe = Style
         ids = tok(captions + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         context = torch.cat([pipe.text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
-    caption_idx = torch.tensor([index[s.caption] for s in scenes])
-    empty_idx = len(captions)
+    return {"lat_mean": lat_mean, "lat_std": lat_std, "context": context, "empty_idx": len(captions),
+            "caption_idx": torch.tensor([index[s.caption] for s in scenes])}
+
+
+def denoising_finetune(pipe, pool: dict, params, *, steps: int, batch_size: int, learning_rate: float,
+                       caption_dropout: float, gen, device, warmup: int = 0, log_every: int = 50,
+                       label: str = "fine-tune") -> list[float]:
+    """Train ``params`` of ``pipe.unet`` with the base's own objective (DDPM noise on its schedule, DDPM eq. 14
+    "simple" loss on epsilon, or on v for v-prediction bases), latents drawn from the pool's VAE posteriors,
+    ``caption_dropout`` of the captions replaced by the empty prompt so guidance keeps working. AdamW (wd 0.01),
+    linear warm-up over ``warmup`` steps, grad-norm clip 1. All randomness from ``gen``. Returns the losses."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    lat_mean, lat_std, context = pool["lat_mean"], pool["lat_std"], pool["context"]
     scaling = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
-
     unet = pipe.unet
-    unet.requires_grad_(False)
-    lora_io.add_lora_to_unet(unet, rank=recipe.rank, alpha=recipe.alpha)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup))
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup))
     unet.train()
     losses = []
-    for step in range(recipe.steps):
-        idx = torch.randint(0, len(lat_mean), (recipe.batch_size,), generator=gen)
+    for step in range(steps):
+        idx = torch.randint(0, len(lat_mean), (batch_size,), generator=gen)
         eps_lat = torch.randn(lat_mean[idx].shape, generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * eps_lat.to(device)) * scaling
-        cidx = caption_idx[idx].clone()
-        cidx[torch.rand(len(idx), generator=gen) < recipe.caption_dropout] = empty_idx
+        cidx = pool["caption_idx"][idx].clone()
+        cidx[torch.rand(len(idx), generator=gen) < caption_dropout] = pool["empty_idx"]
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -319,8 +318,34 @@ def train_style_lora(base: str, out_dir: str | Path, recipe: StyleRecipe = Style
         sched.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            print(f"style lora step {step + 1}/{recipe.steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+            print(f"{label} step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
     unet.eval()
+    return losses
+
+
+def train_style_lora(base: str, out_dir: str | Path, recipe: StyleRecipe = StyleRecipe(),
+                     device: str = "cpu", log_every: int = 50) -> Path:
+    """Fine-tune a LoRA on ``base``'s UNet on ``recipe.style`` renders (epsilon objective); returns the file."""
+    import torch
+
+    from . import lora_io
+    from .sampling import load_pipeline
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed + 17)
+    pipe = load_pipeline(base, device=device, dtype=torch.float32)
+    images, scenes = sample_styled_scenes(recipe.n_images, recipe.data_seed, style=recipe.style)
+    pool = encode_scene_pool(pipe, images, scenes, device)
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    lora_io.add_lora_to_unet(unet, rank=recipe.rank, alpha=recipe.alpha)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    losses = denoising_finetune(pipe, pool, params, steps=recipe.steps, batch_size=recipe.batch_size,
+                                learning_rate=recipe.learning_rate, caption_dropout=recipe.caption_dropout,
+                                warmup=recipe.warmup, gen=gen, device=device, log_every=log_every,
+                                label="style lora")
     seconds = time.perf_counter() - t0
     card = {
         "title": f"{recipe.style} style LoRA (stepdistill toy)", "method": "style", "style": recipe.style,

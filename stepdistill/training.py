@@ -14,7 +14,6 @@ and renamed into place, so a crash never leaves a half-written checkpoint behind
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -142,37 +141,16 @@ def save_trained_lora(out, model, family: str, metadata: dict, title: str, forma
                                 title=title, allow_unmapped=True)
 
 
-def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
-    """Run the distillation described by ``config``; returns the directory holding the LoRA."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+def setup_adapter_and_optimizer(config: TrainConfig, denoiser, accelerator):
+    """The trainable side of :func:`train`: a LoRA on the frozen ``denoiser`` (optionally started from
+    ``config.init_lora``), LoRA parameters kept in fp32 under fp16/bf16, gradient checkpointing, AdamW (8-bit with
+    bitsandbytes) and the LR schedule. Returns ``(params, optimizer, lr_scheduler)``; ``bench/bench_training.py``
+    builds its timed step with it too."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
 
     from . import lora_io
-    from .objectives import build_objective
-    from .sampling import load_pipeline
 
-    output_dir = Path(config.output_dir)
-    log_with = config.report_to if config.report_to not in (None, "none") else None
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
-
-    set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
-    pipe = load_pipeline(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
-    check_method(config, pipe)
-    family = base_model_family(pipe)
-    denoiser = lora_io.denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
-    objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
     denoiser.requires_grad_(False)
     alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
     lora_io.add_lora_to_unet(denoiser, rank=config.lora_rank, alpha=alpha,
@@ -200,6 +178,53 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
+    return params, optimizer, lr_scheduler
+
+
+def training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config: TrainConfig, gen):
+    """One micro-batch of :func:`train`'s loop: the objective's loss, backward, and (at the end of an accumulation
+    cycle) clipping, optimizer and LR-schedule steps. Returns ``(loss, logs)``."""
+    with accelerator.accumulate(wrapped):
+        loss, logs = objective.loss(wrapped, accelerator.unwrap_model(wrapped), config.train_batch_size, gen)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logs
+
+
+def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
+    """Run the distillation described by ``config``; returns the directory holding the LoRA."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from . import lora_io
+    from .objectives import build_objective
+    from .sampling import load_pipeline
+
+    output_dir = Path(config.output_dir)
+    log_with = config.report_to if config.report_to not in (None, "none") else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
+
+    set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
+    pipe = load_pipeline(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
+    check_method(config, pipe)
+    family = base_model_family(pipe)
+    denoiser = lora_io.denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
+    objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
+    params, optimizer, lr_scheduler = setup_adapter_and_optimizer(config, denoiser, accelerator)
     wrapped, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
 
     def save_hook(models, weights, path):
@@ -234,15 +259,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     while global_step < config.max_train_steps:
         for micro in range(config.gradient_accumulation_steps):
             gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
-            with accelerator.accumulate(wrapped):
-                loss, logs = objective.loss(wrapped, accelerator.unwrap_model(wrapped),
-                                            config.train_batch_size, gen)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
         global_step += 1
         logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
         bar.update(1)

@@ -7,6 +7,17 @@ import torch
 torch.set_num_threads(int(os.environ.get("STEPDISTILL_TEST_THREADS", "2")))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of small kernels (ODE loops on tiny models): on a 2-core machine shared with another job, two
+    threads oversubscribe the cores and spin-wait (such loops ran ~30x slower). One thread for the module, restored
+    afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def toy_pipe():
     from stepdistill.sampling import load_pipeline
@@ -17,17 +28,8 @@ def toy_pipe():
 @pytest.fixture
 def tiny_random_pipe():
     """An SD-shaped pipeline with random weights (fresh per test), built from the toy builders."""
-    from diffusers import StableDiffusionPipeline
+    from stepdistill.toy.teacher import build_random_pipeline
 
-    from stepdistill.toy import models
-    from stepdistill.toy.tokenizer import build_toy_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_toy_tokenizer()
-    pipe = StableDiffusionPipeline(
-        vae=models.build_vae(), text_encoder=models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id,
-                                                                       tok.pad_token_id),
-        tokenizer=tok, unet=models.build_unet(), scheduler=models.build_scheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = build_random_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -16,14 +16,7 @@ from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
 PROMPTS = ["a red circle", "a blue square", "a red circle", "a small green triangle", "a big red square"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """tests/conftest.py sets 2 torch threads; on a 2-core machine shared with another job that oversubscribes
-    the cores (this module's ODE loops ran ~30x slower). One thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small kernels: see tests/conftest.py
 
 
 def _v_pipe(pipe):

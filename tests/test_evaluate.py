@@ -17,29 +17,13 @@ from stepdistill.toy.world import TOY_GUIDANCE, TOY_TEACHER_DIR, evaluation_prom
 N_PROMPTS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small kernels: one thread is several times faster than two on a shared 2-core machine (spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small kernels: see tests/conftest.py
 
 
 def _build_tiny_pipe():
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from stepdistill.toy.teacher import build_random_pipeline
 
-    from stepdistill.toy import models
-    from stepdistill.toy.tokenizer import build_toy_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_toy_tokenizer()
-    pipe = StableDiffusionPipeline(
-        vae=models.build_vae(), text_encoder=models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id,
-                                                                       tok.pad_token_id),
-        tokenizer=tok, unet=models.build_unet(), scheduler=PNDMScheduler.from_config(models.SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = build_random_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

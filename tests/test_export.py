@@ -10,6 +10,7 @@ import torch
 
 from stepdistill import export, lora_io
 from stepdistill.lora_io import LoraFormatError, add_lora_to_unet, lora_delta, unet_lora_state_dict, verify_lora_loaded
+from test_lora_io import perturb_lora
 
 FLOW_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
@@ -18,30 +19,10 @@ CARD = {"stepdistill.method": "lcd", "stepdistill.scheduler": "LCMScheduler", "s
         "stepdistill.recommended_guidance": "1.0"}
 
 
-def _perturb(model, adapter: str, seed: int, std: float = 0.05):
-    from peft.tuners.lora import LoraLayer
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLayer) and adapter in m.lora_B:
-                w = m.lora_B[adapter].weight
-                w.copy_(torch.randn(w.shape, generator=g) * std)
-
-
 def _make_pipe(seed: int = 0):
-    from diffusers import StableDiffusionPipeline
+    from stepdistill.toy.teacher import build_random_pipeline
 
-    from stepdistill.toy import models
-    from stepdistill.toy.tokenizer import build_toy_tokenizer
-
-    torch.manual_seed(seed)
-    tok = build_toy_tokenizer()
-    pipe = StableDiffusionPipeline(
-        vae=models.build_vae(), text_encoder=models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id,
-                                                                       tok.pad_token_id),
-        tokenizer=tok, unet=models.build_unet(), scheduler=models.build_scheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = build_random_pipeline(seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -49,7 +30,7 @@ def _make_pipe(seed: int = 0):
 def _unet_layers(rank: int, alpha: float, seed: int = 1):
     pipe = _make_pipe()
     add_lora_to_unet(pipe.unet, rank, alpha=alpha)
-    _perturb(pipe.unet, "default", seed)
+    perturb_lora(pipe.unet, "default", seed)
     return unet_lora_state_dict(pipe.unet)
 
 
@@ -82,7 +63,7 @@ def _sd3(seed=0):
 def _flow_layers(make, rank=4, alpha=8.0):
     model = make()
     add_lora_to_unet(model, rank, alpha=alpha, target_modules=FLOW_TARGETS)
-    _perturb(model, "default", 3)
+    perturb_lora(model, "default", 3)
     return unet_lora_state_dict(model)
 
 
@@ -176,7 +157,7 @@ def test_comfy_flow_loads_in_stock_diffusers_and_round_trips(tmp_path, make, fam
     assert guessed == ("flux1" if make is _flux else "sd3 or flux1")  # SD3 q/k/v/ff names are FLUX's too
     out = export.write_adapter(layers, tmp_path / "flow.safetensors", "comfy-flow", component="transformer",
                                metadata=CARD, family=family)
-    sd, md = export._open_safetensors(out)[1:]
+    sd, md = lora_io.open_safetensors(out)[1:]
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd)
     assert len(sd) == 2 * len(layers)
     assert md["ss_base_model_version"] == family and md["modelspec.architecture"].endswith("/lora")
@@ -209,7 +190,7 @@ def test_onetrainer_flow_keys_round_trip_with_and_without_the_model(tmp_path):
     layers = _flow_layers(_flux)
     out = export.write_adapter(layers, tmp_path / "ot.safetensors", "comfy-flow", component="transformer",
                                flow_keys="onetrainer", dtype=torch.float32)
-    sd = export._open_safetensors(out)[1]
+    sd = lora_io.open_safetensors(out)[1]
     assert len(sd) == 3 * len(layers) and all(k.startswith("lora_transformer_") for k in sd)
     for base in (None, model):
         back = export.read_adapter(out, base)

@@ -25,12 +25,7 @@ RES = 16       # pixels: 8x8 latents (VAE factor 2), 4x4 FLUX tokens
 RANK, ALPHA = 4, 8.0  # scale 2: a lost alpha would be a 2x error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small kernels: see tests/conftest.py
 
 
 def tiny_flux_pipe(guidance_embeds: bool = False):

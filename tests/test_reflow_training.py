@@ -9,7 +9,6 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from stepdistill import couplings as C
 from stepdistill import lora_io, reflow
@@ -22,14 +21,7 @@ from test_couplings import PROMPTS, PointMassUNet, point_mass_pipe
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """tests/conftest.py sets 2 torch threads; on a 2-core machine shared with another job that oversubscribes
-    the cores (this module's ODE loops ran ~30x slower). One thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small kernels: see tests/conftest.py
 
 
 @pytest.fixture

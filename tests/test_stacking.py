@@ -71,18 +71,9 @@ def test_the_style_keeps_the_scene_readable():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A random SD-shaped pipeline saved as a directory (what train_style_lora / load_pipeline take)."""
-    from diffusers import StableDiffusionPipeline
+    from stepdistill.toy.teacher import build_random_pipeline
 
-    from stepdistill.toy import models
-    from stepdistill.toy.tokenizer import build_toy_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_toy_tokenizer()
-    pipe = StableDiffusionPipeline(
-        vae=models.build_vae(), text_encoder=models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id,
-                                                                       tok.pad_token_id),
-        tokenizer=tok, unet=models.build_unet(), scheduler=models.build_scheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = build_random_pipeline(seed=0)
     d = tmp_path_factory.mktemp("tiny") / "pipe"
     pipe.save_pretrained(str(d))
     return str(d)

@@ -171,6 +171,16 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def build_random_pipeline(seed: int = 0):
+    """The toy pipeline's architecture with random weights (seeded; VAE, text encoder, UNet built in that order):
+    a stand-in for mechanics tests, where trained weights are not needed."""
+    torch.manual_seed(seed)
+    tok = build_toy_tokenizer()
+    vae = models.build_vae()
+    text_encoder = models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    return assemble_pipeline(vae, text_encoder, tok, models.build_unet())
+
+
 def train_teacher(out_dir: str | Path, recipe: TeacherRecipe = TeacherRecipe(), log_dir: str | None = None):
     """Train VAE, then text encoder + UNet, and save a ``StableDiffusionPipeline`` directory at ``out_dir``."""
     torch.manual_seed(recipe.seed)
