@@ -6,8 +6,8 @@ in bf16, on an SD-1.5-shaped pipeline with random weights (nothing is downloaded
   layers_per_block 2, cross_attention_dim 768, attention_head_dim 8, sample_size 64; ~860M parameters);
   VAE: SD's ``AutoencoderKL`` config (128/256/512/512, scaling 0.18215); text encoder: CLIP ViT-L/14's text tower
   config (12 layers, width 768); the toy CLIP-BPE tokenizer stands in for CLIP's (same algorithm, smaller vocab).
-* Training: LoRA rank 64 on the 14 LCM-LoRA target types (``stepdistill.lora_io.add_lora_to_unet``), batch
-  ``--batch-size``. (a) toolkit: the objects ``stepdistill.training.train`` builds (cache of VAE latents and
+* Training: LoRA rank 64 on the 14 LCM-LoRA target types (``stepdistill.lora.add_lora_to_unet``), batch
+  ``--batch-size``. (a) toolkit: the objects ``stepdistill.training.loop.train`` builds (cache of VAE latents and
   text embeddings built once, ``LCDObjective.loss``, one UNet with the adapter toggled, cond + uncond batched),
   bf16 weights with fp32 LoRA parameters; (b) reference: ``bench.common.ReferenceLCDStep`` (diffusers'
   ``train_lcm_distill_lora_sd_wds.py`` restated: VAE + text encoder every step, separate teacher copy cast to bf16,
@@ -122,7 +122,7 @@ def training_phase(args, device, path: str) -> dict:
     """Build one path alone, warm up, time ``args.steps`` steps, record peak memory; toolkit also counts FLOPs."""
     from bench_training import _config_kwargs, reference_trainer, toolkit_trainer
 
-    from stepdistill.config import load_config
+    from stepdistill.training.config import load_config
 
     free(device)
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -185,7 +185,7 @@ def unet_flops(args, device, unet) -> dict:
 def sampling_phase(args, device) -> list[list]:
     from bench_sampling import untrained_lora
 
-    from stepdistill.evaluate import apply_sampler
+    from stepdistill.sampling import apply_sampler
     from stepdistill.sampling import generate, load_loras_into_pipeline
 
     free(device)

@@ -25,25 +25,26 @@ def untrained_lora(args, pipe) -> str:
     import shutil
     import tempfile
 
-    from stepdistill import lora_io
+    from stepdistill import lora
 
     if getattr(args, "_untrained", None) is None:
         unet = copy.deepcopy(pipe.unet).float().cpu()
-        lora_io.add_lora_to_unet(unet, rank=args.rank)
+        lora.add_lora_to_unet(unet, rank=args.rank)
         with torch.no_grad():
             for name, p in unet.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 1e-3)
         tmp = tempfile.mkdtemp(prefix="bench-lora-")
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-        args._untrained = str(lora_io.save_lora(Path(tmp), unet, metadata={"stepdistill.method": "lcd"}))
+        args._untrained = str(lora.save_lora(Path(tmp), unet, metadata={"stepdistill.method": "lcd"}))
     return args._untrained
 
 
 def build_pipes(args, device, dtype, compiled: bool) -> dict:
     """{label: (pipe, sampler, guidance, step counts, notes)} for one precision/compile variant."""
-    from stepdistill.evaluate import apply_sampler, lora_metadata
-    from stepdistill.sampling import load_loras_into_pipeline, load_pipeline
+    from stepdistill.sampling import apply_sampler, lora_metadata
+    from stepdistill.models.pipeline import load_pipeline
+    from stepdistill.sampling import load_loras_into_pipeline
     from stepdistill.toy.world import TOY_GUIDANCE
 
     def load():
@@ -79,7 +80,7 @@ def build_pipes(args, device, dtype, compiled: bool) -> dict:
 def run_variant(args, device, dtype, compiled: bool) -> tuple[list[list], dict]:
     import warnings
 
-    from stepdistill.evaluate import apply_sampler
+    from stepdistill.sampling import apply_sampler
     from stepdistill.sampling import generate
     from stepdistill.toy.world import evaluation_prompts
 

@@ -1,6 +1,6 @@
 """LCD training throughput: the toolkit's design vs. a faithful re-statement of the reference recipe, side by side.
 
-(a) toolkit: the objects ``stepdistill.training.train`` builds (accelerate ``Accelerator``, ``LCDObjective`` with
+(a) toolkit: the objects ``stepdistill.training.loop.train`` builds (accelerate ``Accelerator``, ``LCDObjective`` with
     its latent/text cache, ``add_lora_to_unet`` on the pipeline's UNet, AdamW over the LoRA parameters,
     ``accelerator.prepare``), and the body of its loop: ``objective.loss`` (cached latents + embeddings; the teacher
     is the same UNet with the adapter disabled; cond + uncond batched into one forward) + ``accelerator.backward``
@@ -12,7 +12,7 @@
 Both run in one process on the same model and data, interleaved block by block, so the speed-up is a measured
 ratio. Data loading (decoding/resizing images) is excluded from both: the reference gets preprocessed pixel
 tensors from memory, the toolkit its in-memory cache. The one-time cache build is timed separately.
-Also times reflow training if ``stepdistill.reflow_objective`` exists (skipped with the reason otherwise).
+Also times reflow training (``stepdistill.methods.reflow``).
 
     OMP_NUM_THREADS=1 python bench/bench_training.py --model toy --batch-size 32 --repeats 5
 """
@@ -34,16 +34,16 @@ from common import (ReferenceLCDStep, default_model, device_of, finish, interlea
 
 
 def toolkit_trainer(config, device: torch.device, pipe=None):
-    """Build what ``stepdistill.training.train`` builds (on ``pipe`` when given: an fp32 pipeline on ``device``,
+    """Build what ``stepdistill.training.loop.train`` builds (on ``pipe`` when given: an fp32 pipeline on ``device``,
     else ``load_pipeline(config.pretrained_model)``); return (step function, cache-build seconds, pipe)."""
     import time
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from stepdistill.objectives import build_objective
-    from stepdistill.sampling import load_pipeline
-    from stepdistill.training import setup_adapter_and_optimizer, step_generator, training_step
+    from stepdistill.methods import build_objective
+    from stepdistill.models.pipeline import load_pipeline
+    from stepdistill.training.loop import setup_adapter_and_optimizer, step_generator, training_step
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
     set_seed(config.seed)
@@ -69,8 +69,8 @@ def toolkit_trainer(config, device: torch.device, pipe=None):
 def reference_trainer(model: str, config, device: torch.device, n_examples: int, resolution: int, base=None):
     """The reference step (``common.ReferenceLCDStep``) on ``base`` (an fp32 pipeline; default: load ``model``)
     with a pool of preprocessed pixel tensors of the same toy data; returns (step function, the step object)."""
-    from stepdistill.data import preprocess, toy_examples
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.data.sources import preprocess, toy_examples
+    from stepdistill.models.pipeline import load_pipeline
 
     if base is None:
         base = load_pipeline(model, device=str(device), dtype=torch.float32)
@@ -128,13 +128,13 @@ def reflow_trainer(model: str, device: torch.device, args, work: Path):
     is skipped."""
     import time
 
-    from stepdistill.config import load_config
+    from stepdistill.training.config import load_config
 
     notes = []
     couplings = args.reflow_couplings
     if couplings is None:
-        from stepdistill.couplings import generate_couplings
-        from stepdistill.sampling import load_pipeline
+        from stepdistill.methods.reflow_couplings import generate_couplings
+        from stepdistill.models.pipeline import load_pipeline
         from stepdistill.toy.world import evaluation_prompts
 
         couplings = str(work / "couplings")
@@ -182,7 +182,7 @@ def main(argv=None):
         args.mixed_precision = "bf16" if device.type == "cuda" else "no"
     model = args.model or default_model()
 
-    from stepdistill.config import load_config
+    from stepdistill.training.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-training-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)

@@ -128,7 +128,7 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
 
 class ReferenceLCDStep:
     """One training step of diffusers' ``train_lcm_distill_lora_sd_wds.py`` (LCM-LoRA, SD 1.x/2.x), restated
-    plainly with the same math as ``stepdistill.objectives.LCDObjective.loss``:
+    plainly with the same math as ``stepdistill.methods.lcd.LCDObjective.loss``:
 
     * every step encodes the batch's pixels with the VAE (``latent_dist.sample() * scaling_factor``) and the
       captions with the tokenizer + text encoder; the empty-prompt embedding is computed once before the loop;

@@ -5,7 +5,7 @@ Clock and windows (see :mod:`stepdistill.reflow` for the conventions): flow time
 ``sigma_max`` (noise) down to 0 (data); the ``K = num_windows`` training windows are uniform in ``s``,
 ``scheduler.window_sigmas == reflow.window_boundaries(K, sigma_max=scheduler.sigma_max)``. A reflow/PeRFlow
 student must be trained on exactly these windows; for a VP (SD) UNet, ``sigma_max`` is the flow time of the
-last training timestep (``reflow.vp_sigma_max(alphas_cumprod)``, ~0.936 for SD 1.5), because flow times
+last training timestep (``parametrization.vp_sigma_max(alphas_cumprod)``, ~0.936 for SD 1.5), because flow times
 above it have no VP timestep and an epsilon model has no velocity at ``s = 1``.
 
 State space
@@ -16,7 +16,7 @@ The pipeline's ``latents`` are always what the UNet consumes, so ``scale_model_i
   LoRA): latents are VP states ``x_t = alpha x0 + sigma eps``; ``timesteps`` are the (continuous, float32)
   VP timesteps ``t(s)`` with ``sigma_t/(alpha_t+sigma_t) = s``; ``init_noise_sigma = 1`` (``x_T ~ N(0, I)``, as
   for every SD scheduler). Each ``step`` converts to flow coordinates ``z = x_t/(alpha+sigma)``, turns the
-  model output into the flow velocity ``eps - x0`` (:func:`stepdistill.reflow.velocity_from_vp_output`),
+  model output into the flow velocity ``eps - x0`` (:func:`stepdistill.parametrization.velocity_from_vp_output`),
   takes one Euler step ``z' = z + (s' - s) v`` and maps back ``x' = (alpha'+sigma') z'``. In flow
   coordinates this is exactly a DDIM step between ``t(s)`` and ``t(s')``; the last step lands on ``s = 0``
   where ``alpha = 1``, ``sigma = 0`` and the returned latent is ``x0``.
@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from diffusers.utils import BaseOutput
 
+from . import parametrization as param
 from . import reflow
-from .reflow import _bcast, _flow_scale
 
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 PREDICTION_TYPES = VP_PREDICTION_TYPES + ("flow",)
@@ -73,7 +74,6 @@ def _make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, traine
     if beta_schedule == "scaled_linear":  # Stable Diffusion's
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
-        from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 
         return betas_for_alpha_bar(num_train_timesteps)
     raise NotImplementedError(f"beta_schedule {beta_schedule!r} is not implemented")
@@ -116,7 +116,7 @@ class PiecewiseRectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
-        vp_max = reflow.vp_sigma_max(self.alphas_cumprod)
+        vp_max = param.vp_sigma_max(self.alphas_cumprod)
         if sigma_max is None:
             sigma_max = 1.0 if prediction_type == "flow" else vp_max
         sigma_max = float(sigma_max)
@@ -130,7 +130,7 @@ class PiecewiseRectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         self.sigma_max = sigma_max
         # the SD pipeline multiplies N(0, I) by this: VP states have unit variance, flow states
         # x_s = (1-s) x0 + s eps have (for unit-variance data) std sqrt((1-s)^2 + s^2)
-        self.init_noise_sigma = 1.0 if self.is_vp else float(_flow_scale(sigma_max))
+        self.init_noise_sigma = 1.0 if self.is_vp else float(param.flow_scale(sigma_max))
 
         self.num_inference_steps: int | None = None
         self.sigmas: torch.Tensor | None = None
@@ -211,14 +211,14 @@ class PiecewiseRectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
                 s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64)).reshape(-1)
             else:
                 t = torch.as_tensor(np.asarray(timesteps, dtype=np.float64)).reshape(-1)
-                s = reflow.sigma_for_vp_timestep(t, self.alphas_cumprod) if self.is_vp else t / T
+                s = param.sigma_for_vp_timestep(t, self.alphas_cumprod) if self.is_vp else t / T
             if s[-1] != 0:
                 s = torch.cat([s, s.new_zeros(1)])
             if torch.any(s[1:] >= s[:-1]) or s[0] > self.sigma_max + 1e-6:
                 raise ValueError(f"custom sigmas must be strictly decreasing and <= sigma_max={self.sigma_max}")
         self.num_inference_steps = len(s) - 1
         if self.is_vp:
-            ts = reflow.vp_timestep_for_sigma(s[:-1], self.alphas_cumprod)
+            ts = param.vp_timestep_for_sigma(s[:-1], self.alphas_cumprod)
         else:
             ts = (s[:-1] * T).float()
         self.sigmas = s.float().to(device)
@@ -270,11 +270,10 @@ class PiecewiseRectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         s_next = float(self.sigmas[i + 1])
         x = sample.float()
         if self.is_vp:
-            abar = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)  # alpha(s)^2, see stepdistill.reflow
-            v = reflow.velocity_from_vp_output(model_output, x, abar, self.config.prediction_type)
-            z = x * float(_flow_scale(s))
+            v = param.velocity_from_vp_output(model_output, x, param.vp_abar_of_sigma(s), self.config.prediction_type)
+            z = x * float(param.flow_scale(s))
             z_next = z + (s_next - s) * v
-            prev = z_next / float(_flow_scale(s_next))
+            prev = z_next / float(param.flow_scale(s_next))
         else:
             v = model_output.float()
             z = x
@@ -296,9 +295,9 @@ class PiecewiseRectifiedFlowScheduler(SchedulerMixin, ConfigMixin):
         t = torch.as_tensor(timesteps)
         t = t.reshape(-1) if t.dim() else t
         if self.is_vp:
-            abar = reflow.vp_alphas_cumprod_at(t.cpu(), self.alphas_cumprod)
-            a = _bcast(abar.sqrt(), original_samples, torch.float32)
-            b = _bcast((1 - abar).sqrt(), original_samples, torch.float32)
+            abar = param.vp_alphas_cumprod_at(t.cpu(), self.alphas_cumprod)
+            a = param.broadcast_like(abar.sqrt(), original_samples, torch.float32)
+            b = param.broadcast_like((1 - abar).sqrt(), original_samples, torch.float32)
             return (a * original_samples.float() + b * noise.float()).to(original_samples.dtype)
-        s = _bcast(t.float() / self.config.num_train_timesteps, original_samples, torch.float32)
+        s = param.broadcast_like(t.float() / self.config.num_train_timesteps, original_samples, torch.float32)
         return ((1 - s) * original_samples.float() + s * noise.float()).to(original_samples.dtype)

@@ -12,6 +12,18 @@ Flow matching (rectified flow), diffusers' ``FlowMatchEulerDiscreteScheduler`` c
 pure noise, ``x_s = (1 - s) * x0 + s * noise`` and the velocity is ``v = dx_s/ds = noise - x0``.
 A VP state maps onto that straight line by dividing by (alpha_t + sigma_t).
 
+This module is the one home of the VP <-> flow bridge (used by the reflow objective, the teacher ODE, the
+PeRFlow scheduler and the diagnostics). With ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``,
+dividing ``x_t`` by ``alpha_t + sigma_t`` gives ``z = (1 - s) x0 + s eps`` with ``s = sigma_t / (alpha_t +
+sigma_t)``: the VP point *is* a flow point, rescaled. Conversely a flow time ``s`` fixes the VP pair
+uniquely (``alpha^2 + sigma^2 = 1``)::
+
+    n(s) = sqrt((1 - s)^2 + s^2),  alpha(s) = (1 - s) / n(s),  sigma(s) = s / n(s),  alpha + sigma = 1 / n(s)
+
+so ``x_t = z / n(s)`` and ``z = n(s) x_t`` (:func:`flow_scale`); the log-SNR is ``2 log((1 - s)/s)``. SD's
+discrete schedule ends at ``abar ~ 0.0047`` (timestep 999), i.e. flow time ``~0.936``
+(:func:`vp_sigma_max`): VP models and their students live on ``[0, vp_sigma_max]``.
+
 Everything here is pure tensor math: torch tensors in, torch tensors out.
 """
 from __future__ import annotations
@@ -72,13 +84,8 @@ def model_output_to_x0_eps(
     return x0, eps
 
 
-def x0_eps_to_model_output(
-    x0: torch.Tensor,
-    eps: torch.Tensor,
-    alpha_t: torch.Tensor | float,
-    sigma_t: torch.Tensor | float,
-    prediction_type: str,
-) -> torch.Tensor:
+def x0_eps_to_model_output(x0: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor | float,
+                           sigma_t: torch.Tensor | float, prediction_type: str) -> torch.Tensor:
     """Inverse of :func:`model_output_to_x0_eps`: eps, x0, or v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022, §4)."""
     _check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
@@ -123,3 +130,157 @@ def vp_to_flow_time(alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tenso
 def vp_to_flow_state(x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
     """Flow state of a VP state: x_s = x_t / (alpha_t + sigma_t) = (1 - s) x0 + s eps, s = vp_to_flow_time(...)."""
     return x_t / (alpha_t + sigma_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# VP <-> flow: helpers and the bridge (see the module docstring)
+
+
+def as_tensor(x, like: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        t = torch.as_tensor(x, dtype=dtype or torch.float32)
+    if like is not None:
+        t = t.to(device=like.device, dtype=dtype or like.dtype)
+    elif dtype is not None:
+        t = t.to(dtype)
+    return t
+
+
+def broadcast_like(t, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A scalar or a per-sample ``(B,)`` tensor, shaped to broadcast against ``like`` ``(B, ...)``, on its
+    device, in ``dtype`` (default: ``like``'s)."""
+    t = as_tensor(t, like, dtype)
+    if t.dim() == 0:
+        return t
+    return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """``numpy.interp`` in torch: piecewise-linear, ``xp`` increasing, clamped outside ``[xp[0], xp[-1]]``."""
+    x = x.to(xp.dtype)
+    idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).contiguous(), right=True).clamp(1, len(xp) - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    f0, f1 = fp[idx - 1], fp[idx]
+    w = ((x.clamp(xp[0], xp[-1]) - x0) / (x1 - x0)).nan_to_num(0.0)
+    return f0 + w * (f1 - f0)
+
+
+def flow_scale(s):
+    """``n(s) = sqrt((1-s)^2 + s^2) = 1 / (alpha + sigma)``: ``z = n(s) * x_t``."""
+    s = as_tensor(s)
+    return torch.sqrt((1 - s) ** 2 + s**2)
+
+
+def _log_snr_of_sigma(s: torch.Tensor) -> torch.Tensor:
+    """VP log-SNR ``log(alpha^2 / sigma^2) = 2 log((1-s)/s)`` of flow time ``s`` (+inf at 0, -inf at 1)."""
+    s = s.to(torch.float64)
+    return 2.0 * (torch.log1p(-s) - torch.log(s))
+
+
+def _log_snr_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    a = as_tensor(alphas_cumprod).detach().cpu().to(torch.float64)
+    return torch.log(a) - torch.log1p(-a)  # decreasing in t
+
+
+
+def vp_abar_of_sigma(s):
+    """``alpha(s)^2 = (1-s)^2 / ((1-s)^2 + s^2)``: the VP ``abar`` of flow time ``s`` (float or tensor)."""
+    if isinstance(s, torch.Tensor):
+        s = s.float()
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
+def velocity_from_vp_output(
+    model_output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """Flow velocity ``eps - x0`` from a VP model's output at ``x_t = alpha x0 + sigma eps``.
+
+    ``alphas_cumprod_t`` is ``abar_t`` (float or per-sample ``(B,)``), ``alpha = sqrt(abar)``,
+    ``sigma = sqrt(1 - abar)``. Since ``z = x_t/(alpha+sigma) = (1-s) x0 + s eps``, ``dz/ds = eps - x0`` for
+    the model's (eps, x0) estimate, and an Euler step in ``(s, z)`` is exactly a DDIM step (Song et al.
+    2021, eq. 12):
+
+    * ``"epsilon"``: ``x0 = (x_t - sigma eps)/alpha``, so ``v = ((alpha + sigma) eps - x_t) / alpha``;
+    * ``"v_prediction"`` (``v_vp = alpha eps - sigma x0``, Salimans & Ho 2022): ``x0 = alpha x_t - sigma v_vp``,
+      ``eps = sigma x_t + alpha v_vp``, so ``v = (sigma - alpha) x_t + (alpha + sigma) v_vp``;
+    * ``"sample"`` (``x0``): ``eps = (x_t - alpha x0)/sigma``, so ``v = (x_t - (alpha + sigma) x0) / sigma``.
+
+    Singular where the parametrization is: ``"epsilon"`` at ``alpha = 0`` (``s = 1``), ``"sample"`` at
+    ``sigma = 0`` (``s = 0``). Computed and returned in float32.
+    """
+    out = model_output.float()
+    x = x_t.float()
+    abar = broadcast_like(alphas_cumprod_t, out, torch.float32)
+    alpha = abar.sqrt()
+    sigma = (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return ((alpha + sigma) * out - x) / alpha
+    if prediction_type == "v_prediction":
+        return (sigma - alpha) * x + (alpha + sigma) * out
+    if prediction_type == "sample":
+        return (x - (alpha + sigma) * out) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
+
+
+def sigma_for_vp_timestep(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Flow time ``s = sigma_t / (alpha_t + sigma_t)`` of a (continuous) VP timestep ``t`` (float64, on the CPU)."""
+    abar = vp_alphas_cumprod_at(t, alphas_cumprod)
+    return vp_to_flow_time(abar.sqrt(), (1 - abar).sqrt())
+
+
+def vp_sigma_max(alphas_cumprod: torch.Tensor) -> float:
+    """Flow time of the last training timestep (``~0.9358`` for SD's scaled_linear 0.00085-0.012 schedule):
+    the noisiest flow time a VP model (and its students) can be queried at."""
+    return float(sigma_for_vp_timestep(len(alphas_cumprod) - 1, alphas_cumprod))
+
+
+def vp_alphas_cumprod_at(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``abar`` at a continuous VP timestep ``t`` (float64, on the CPU): the log-SNR is interpolated linearly between
+    integer timesteps (exact at integers; ``t`` is clamped to ``[0, T-1]``)."""
+    lam = _log_snr_table(alphas_cumprod)
+    T = len(lam)
+    t = as_tensor(t).detach().cpu().to(torch.float64)
+    grid = torch.arange(T, dtype=torch.float64, device=lam.device)
+    return torch.sigmoid(_interp(t, grid, lam))
+
+
+def vp_timestep_for_sigma(s, alphas_cumprod: torch.Tensor, discrete: bool = False) -> torch.Tensor:
+    """The VP timestep ``t`` whose flow time ``sigma_t/(alpha_t + sigma_t)`` equals ``s``.
+
+    Solved in log-SNR: ``log(abar_t/(1-abar_t)) = 2 log((1-s)/s)``, inverting the table of ``alphas_cumprod``
+    with linear interpolation (the inverse of :func:`vp_alphas_cumprod_at`; the table math runs in float64
+    on the CPU and so does the result). Continuous (float32) by default; ``discrete=True`` returns the nearest integer timestep (long). Flow times outside the schedule's
+    range ``[s(0), s(T-1)]`` are clamped to ``t = 0`` / ``t = T-1``.
+    """
+    lam = _log_snr_table(alphas_cumprod)
+    T = len(lam)
+    s = as_tensor(s).detach().cpu().to(torch.float64)
+    target = _log_snr_of_sigma(s)
+    grid = torch.arange(T, dtype=torch.float64, device=lam.device)
+    t = _interp(target, lam.flip(0), grid.flip(0))  # log-SNR is decreasing in t
+    if discrete:
+        return t.round().long()
+    return t.float()
+
+
+def flow_state_to_vp_input(x_s: torch.Tensor, s, alphas_cumprod: torch.Tensor, discrete: bool = False):
+    """Where to query a VP model at the flow point ``(s, x_s)``: returns ``(x_t, t)``.
+
+    ``x_t = (alpha + sigma) x_s = x_s / sqrt((1-s)^2 + s^2)`` is the VP state with the same signal and noise
+    (``alpha = (1-s)/n``, ``sigma = s/n`` are fixed by ``s`` and ``alpha^2 + sigma^2 = 1``), and
+    ``t = vp_timestep_for_sigma(s)``. With ``discrete=True`` (or ``s`` outside the schedule's range) the
+    timestep is rounded/clamped while ``x_t`` keeps the exact VP scale of ``s``, a small mismatch the model
+    sees as a slightly different noise level."""
+    n = broadcast_like(flow_scale(as_tensor(s, dtype=torch.float32)), x_s, torch.float32)
+    x_t = (x_s.float() / n).to(x_s.dtype)
+    return x_t, vp_timestep_for_sigma(s, alphas_cumprod, discrete=discrete).to(x_s.device)
+
+
+def vp_state_to_flow(x_t: torch.Tensor, s) -> torch.Tensor:
+    """Inverse of :func:`flow_state_to_vp_input`'s state map: ``z = x_t / (alpha + sigma) = sqrt((1-s)^2+s^2) x_t``
+    (computed in float64 for float64 input, else in float32)."""
+    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    n = broadcast_like(flow_scale(as_tensor(s, dtype=dtype)), x_t, dtype)
+    return (x_t.to(dtype) * n).to(x_t.dtype)

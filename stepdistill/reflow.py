@@ -25,7 +25,7 @@ inside a window ``[t_end, t_start]`` the student follows the straight line betwe
 states at the two window ends. This module does the same construction in *flow* coordinates: windows are
 uniform in the flow time ``s`` (:func:`window_boundaries`) and the straight segment joins the teacher's
 flow states ``z = x_t / (alpha_t + sigma_t)`` at the window ends (:func:`piecewise_target`). In flow
-coordinates a DDIM step *is* an Euler step (see :func:`velocity_from_vp_output`), so a window whose
+coordinates a DDIM step *is* an Euler step (see :func:`stepdistill.parametrization.velocity_from_vp_output`), so a window whose
 teacher trajectory is straight in flow space is solved exactly by one Euler step.
 
 VP (epsilon / v-prediction) teachers
@@ -38,11 +38,11 @@ dividing by ``alpha_t + sigma_t`` gives ``z = x_t / (alpha_t + sigma_t) = (1 - s
     n(s) = sqrt((1 - s)^2 + s^2),  alpha(s) = (1 - s) / n(s),  sigma(s) = s / n(s),  alpha + sigma = 1 / n(s)
 
 so ``x_t = z / n(s)`` and ``z = n(s) x_t``. The log-SNR is ``log(alpha^2/sigma^2) = 2 log((1 - s)/s)``.
-The VP conversions here are private helpers of this module (``_flow_scale``, ``_log_snr_of_sigma``); the project's
-general-purpose conversions live in ``stepdistill.parametrization``.
+The VP <-> flow conversions (``flow_scale``, ``velocity_from_vp_output``, ``vp_sigma_max``, ...) live in
+:mod:`stepdistill.parametrization`, the one home of that bridge.
 
 Note on the discrete SD schedule: its last timestep (999) has ``abar ~ 0.0047``, i.e. flow time
-``s ~ 0.936``, not 1. Flow times above :func:`vp_sigma_max` have no VP timestep (they are clamped to the
+``s ~ 0.936``, not 1. Flow times above :func:`stepdistill.parametrization.vp_sigma_max` have no VP timestep (they are clamped to the
 last one) and an epsilon-prediction model cannot give a velocity at ``s = 1`` (``x0 = (z - s eps)/(1 - s)``
 is singular). Students of VP teachers therefore live on ``[0, vp_sigma_max(alphas_cumprod)]``; pass that as
 ``sigma_max`` to :func:`window_boundaries` and :func:`sample_flow_times` (the scheduler in
@@ -53,6 +53,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from .parametrization import as_tensor, broadcast_like, flow_state_from_x0_eps, flow_velocity_from_x0_eps
 
 __all__ = [
     "rf_time_to_sigma",
@@ -66,13 +68,7 @@ __all__ = [
     "window_of",
     "piecewise_target",
     "reflow_loss",
-    "velocity_from_vp_output",
-    "vp_sigma_max",
-    "sigma_for_vp_timestep",
-    "vp_alphas_cumprod_at",
-    "vp_timestep_for_sigma",
-    "flow_state_to_vp_input",
-    "vp_state_to_flow",
+    "native_loss_weight",
     "straightness",
     "coupling_error",
 ]
@@ -80,54 +76,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _as_tensor(x, like: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        t = torch.as_tensor(x, dtype=dtype or torch.float32)
-    if like is not None:
-        t = t.to(device=like.device, dtype=dtype or like.dtype)
-    elif dtype is not None:
-        t = t.to(dtype)
-    return t
-
-
-def _bcast(t, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A scalar or a per-sample ``(B,)`` tensor, shaped to broadcast against ``like`` ``(B, ...)``, on its
-    device, in ``dtype`` (default: ``like``'s)."""
-    t = _as_tensor(t, like, dtype)
-    if t.dim() == 0:
-        return t
-    return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
-
-
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """``numpy.interp`` in torch: piecewise-linear, ``xp`` increasing, clamped outside ``[xp[0], xp[-1]]``."""
-    x = x.to(xp.dtype)
-    idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).contiguous(), right=True).clamp(1, len(xp) - 1)
-    x0, x1 = xp[idx - 1], xp[idx]
-    f0, f1 = fp[idx - 1], fp[idx]
-    w = ((x.clamp(xp[0], xp[-1]) - x0) / (x1 - x0)).nan_to_num(0.0)
-    return f0 + w * (f1 - f0)
-
-
-def _flow_scale(s):
-    """``n(s) = sqrt((1-s)^2 + s^2) = 1 / (alpha + sigma)``: ``z = n(s) * x_t``."""
-    s = _as_tensor(s)
-    return torch.sqrt((1 - s) ** 2 + s**2)
-
-
-def _log_snr_of_sigma(s: torch.Tensor) -> torch.Tensor:
-    """VP log-SNR ``log(alpha^2 / sigma^2) = 2 log((1-s)/s)`` of flow time ``s`` (+inf at 0, -inf at 1)."""
-    s = s.to(torch.float64)
-    return 2.0 * (torch.log1p(-s) - torch.log(s))
-
-
-def _log_snr_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    a = _as_tensor(alphas_cumprod).detach().cpu().to(torch.float64)
-    return torch.log(a) - torch.log1p(-a)  # decreasing in t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,13 +110,12 @@ def straight_interpolation(z_noise: torch.Tensor, z_data: torch.Tensor, s) -> to
     """``x_s = (1 - s) z_data + s z_noise`` (Rectified Flow's ``X_t = t X_1 + (1-t) X_0`` with ``s = 1 - t``).
 
     ``s`` is a float or a per-sample ``(B,)`` tensor."""
-    s = _bcast(s, z_data)
-    return (1 - s) * z_data + s * z_noise
+    return flow_state_from_x0_eps(z_data, z_noise, broadcast_like(s, z_data))
 
 
 def straight_velocity(z_noise: torch.Tensor, z_data: torch.Tensor) -> torch.Tensor:
     """The reflow regression target ``dx_s/ds = z_noise - z_data`` (Rectified Flow eq. 1, ``-(X_1 - X_0)``)."""
-    return z_noise - z_data
+    return flow_velocity_from_x0_eps(z_data, z_noise)
 
 
 def sample_flow_times(
@@ -226,8 +173,8 @@ def window_of(s, boundaries: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
 
     A point on an interior boundary ``b_k`` belongs to window ``k`` (the one that starts there), as does
     anything within ``atol`` above it; ``s = b_K`` belongs to the last window, ``s > b_0`` to window 0."""
-    s = _as_tensor(s).float()
-    b = _as_tensor(boundaries).to(device=s.device, dtype=torch.float32)
+    s = as_tensor(s).float()
+    b = as_tensor(boundaries).to(device=s.device, dtype=torch.float32)
     interior = b[1:-1]
     flat = s.reshape(-1, 1)
     k = (interior.reshape(1, -1) >= flat - atol).sum(dim=-1)
@@ -247,9 +194,9 @@ def piecewise_target(z_start: torch.Tensor, z_end: torch.Tensor, s_start, s_end,
     :func:`straight_interpolation` / :func:`straight_velocity`. The ``s`` arguments are floats or per-sample
     ``(B,)`` tensors. Returns ``(x_s, v)``.
     """
-    s_start_b = _bcast(s_start, z_start)
-    s_end_b = _bcast(s_end, z_start)
-    s_b = _bcast(s, z_start)
+    s_start_b = broadcast_like(s_start, z_start)
+    s_end_b = broadcast_like(s_end, z_start)
+    s_b = broadcast_like(s, z_start)
     length = s_start_b - s_end_b
     if torch.any(length <= 0):
         raise ValueError("piecewise_target needs s_start > s_end (windows run from noise towards data)")
@@ -266,108 +213,11 @@ def reflow_loss(v_pred: torch.Tensor, v_target: torch.Tensor, weighting: torch.T
     err = (v_pred.float() - v_target.float()) ** 2
     per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
     if weighting is not None:
-        w = _as_tensor(weighting, per_sample).reshape(-1)
+        w = as_tensor(weighting, per_sample).reshape(-1)
         if w.numel() not in (1, per_sample.numel()):
             raise ValueError(f"weighting has {w.numel()} entries for a batch of {per_sample.numel()}")
         per_sample = per_sample * w
     return per_sample.mean()
-
-
-# ----------------------------------------------------------------------------------------------------
-# VP teachers <-> flow
-
-
-def velocity_from_vp_output(
-    model_output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t, prediction_type: str = "epsilon"
-) -> torch.Tensor:
-    """Flow velocity ``eps - x0`` from a VP model's output at ``x_t = alpha x0 + sigma eps``.
-
-    ``alphas_cumprod_t`` is ``abar_t`` (float or per-sample ``(B,)``), ``alpha = sqrt(abar)``,
-    ``sigma = sqrt(1 - abar)``. Since ``z = x_t/(alpha+sigma) = (1-s) x0 + s eps``, ``dz/ds = eps - x0`` for
-    the model's (eps, x0) estimate, and an Euler step in ``(s, z)`` is exactly a DDIM step (Song et al.
-    2021, eq. 12):
-
-    * ``"epsilon"``: ``x0 = (x_t - sigma eps)/alpha``, so ``v = ((alpha + sigma) eps - x_t) / alpha``;
-    * ``"v_prediction"`` (``v_vp = alpha eps - sigma x0``, Salimans & Ho 2022): ``x0 = alpha x_t - sigma v_vp``,
-      ``eps = sigma x_t + alpha v_vp``, so ``v = (sigma - alpha) x_t + (alpha + sigma) v_vp``;
-    * ``"sample"`` (``x0``): ``eps = (x_t - alpha x0)/sigma``, so ``v = (x_t - (alpha + sigma) x0) / sigma``.
-
-    Singular where the parametrization is: ``"epsilon"`` at ``alpha = 0`` (``s = 1``), ``"sample"`` at
-    ``sigma = 0`` (``s = 0``). Computed and returned in float32.
-    """
-    out = model_output.float()
-    x = x_t.float()
-    abar = _bcast(alphas_cumprod_t, out, torch.float32)
-    alpha = abar.sqrt()
-    sigma = (1 - abar).sqrt()
-    if prediction_type == "epsilon":
-        return ((alpha + sigma) * out - x) / alpha
-    if prediction_type == "v_prediction":
-        return (sigma - alpha) * x + (alpha + sigma) * out
-    if prediction_type == "sample":
-        return (x - (alpha + sigma) * out) / sigma
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
-
-
-def sigma_for_vp_timestep(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Flow time ``s = sigma_t / (alpha_t + sigma_t)`` of a (continuous) VP timestep ``t`` (float64, on the CPU)."""
-    abar = vp_alphas_cumprod_at(t, alphas_cumprod)
-    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    return sigma / (alpha + sigma)
-
-
-def vp_sigma_max(alphas_cumprod: torch.Tensor) -> float:
-    """Flow time of the last training timestep (``~0.9358`` for SD's scaled_linear 0.00085-0.012 schedule):
-    the noisiest flow time a VP model (and its students) can be queried at."""
-    return float(sigma_for_vp_timestep(len(alphas_cumprod) - 1, alphas_cumprod))
-
-
-def vp_alphas_cumprod_at(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``abar`` at a continuous VP timestep ``t`` (float64, on the CPU): the log-SNR is interpolated linearly between
-    integer timesteps (exact at integers; ``t`` is clamped to ``[0, T-1]``)."""
-    lam = _log_snr_table(alphas_cumprod)
-    T = len(lam)
-    t = _as_tensor(t).detach().cpu().to(torch.float64)
-    grid = torch.arange(T, dtype=torch.float64, device=lam.device)
-    return torch.sigmoid(_interp(t, grid, lam))
-
-
-def vp_timestep_for_sigma(s, alphas_cumprod: torch.Tensor, discrete: bool = False) -> torch.Tensor:
-    """The VP timestep ``t`` whose flow time ``sigma_t/(alpha_t + sigma_t)`` equals ``s``.
-
-    Solved in log-SNR: ``log(abar_t/(1-abar_t)) = 2 log((1-s)/s)``, inverting the table of ``alphas_cumprod``
-    with linear interpolation (the inverse of :func:`vp_alphas_cumprod_at`; the table math runs in float64
-    on the CPU and so does the result). Continuous (float32) by default; ``discrete=True`` returns the nearest integer timestep (long). Flow times outside the schedule's
-    range ``[s(0), s(T-1)]`` are clamped to ``t = 0`` / ``t = T-1``.
-    """
-    lam = _log_snr_table(alphas_cumprod)
-    T = len(lam)
-    s = _as_tensor(s).detach().cpu().to(torch.float64)
-    target = _log_snr_of_sigma(s)
-    grid = torch.arange(T, dtype=torch.float64, device=lam.device)
-    t = _interp(target, lam.flip(0), grid.flip(0))  # log-SNR is decreasing in t
-    if discrete:
-        return t.round().long()
-    return t.float()
-
-
-def flow_state_to_vp_input(x_s: torch.Tensor, s, alphas_cumprod: torch.Tensor, discrete: bool = False):
-    """Where to query a VP model at the flow point ``(s, x_s)``: returns ``(x_t, t)``.
-
-    ``x_t = (alpha + sigma) x_s = x_s / sqrt((1-s)^2 + s^2)`` is the VP state with the same signal and noise
-    (``alpha = (1-s)/n``, ``sigma = s/n`` are fixed by ``s`` and ``alpha^2 + sigma^2 = 1``), and
-    ``t = vp_timestep_for_sigma(s)``. With ``discrete=True`` (or ``s`` outside the schedule's range) the
-    timestep is rounded/clamped while ``x_t`` keeps the exact VP scale of ``s``, a small mismatch the model
-    sees as a slightly different noise level."""
-    n = _bcast(_flow_scale(_as_tensor(s, dtype=torch.float32)), x_s, torch.float32)
-    x_t = (x_s.float() / n).to(x_s.dtype)
-    return x_t, vp_timestep_for_sigma(s, alphas_cumprod, discrete=discrete).to(x_s.device)
-
-
-def vp_state_to_flow(x_t: torch.Tensor, s) -> torch.Tensor:
-    """Inverse of :func:`flow_state_to_vp_input`'s state map: ``z = x_t / (alpha + sigma) = sqrt((1-s)^2+s^2) x_t``."""
-    n = _bcast(_flow_scale(_as_tensor(s, dtype=torch.float32)), x_t, torch.float32)
-    return (x_t.float() * n).to(x_t.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,7 +240,7 @@ def straightness(trajectory: torch.Tensor | Sequence[torch.Tensor], sigmas, redu
     """
     traj = torch.stack(list(trajectory)) if not isinstance(trajectory, torch.Tensor) else trajectory
     traj = traj.detach().cpu().to(torch.float64)  # a diagnostic: float64 on the CPU
-    s = _as_tensor(sigmas).detach().cpu().to(torch.float64).reshape(-1)
+    s = as_tensor(sigmas).detach().cpu().to(torch.float64).reshape(-1)
     if traj.shape[0] != s.numel() or s.numel() < 2:
         raise ValueError(f"need >= 2 states, one per sigma; got {traj.shape[0]} states and {s.numel()} sigmas")
     total = s[0] - s[-1]
@@ -423,3 +273,16 @@ def coupling_error(z1_candidate: torch.Tensor, z1_reference: torch.Tensor) -> to
     the same noise), the pairing reflow trains on (Rectified Flow Sec. 2.2, the coupling ``(Z_0, Z_1)``)."""
     d = (z1_candidate.float() - z1_reference.float()) ** 2
     return d.reshape(d.shape[0], -1).mean(dim=1).sqrt()
+
+
+def native_loss_weight(s: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample ``w(s)`` with ``w * |v_pred - v|^2 = |out_pred - out_target|^2`` in the model's own output space
+    (``(dv/d out)^-2``): eps ``(1-s)^2``, v_prediction ``(1-s)^2 + s^2``, sample ``s^2``, flow 1."""
+    s = s.float()
+    if prediction_type == "epsilon":
+        return (1 - s) ** 2
+    if prediction_type == "v_prediction":
+        return (1 - s) ** 2 + s**2
+    if prediction_type == "sample":
+        return s**2
+    return torch.ones_like(s)

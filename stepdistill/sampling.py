@@ -4,9 +4,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+from . import lora
+from .flow_scheduler import PiecewiseRectifiedFlowScheduler
+from .models.family import denoiser_of
+from .models.latents import latent_shape, seeded_noise
+
+DEFAULT_NUM_WINDOWS = 4  # PeRFlow windows when neither the caller nor the LoRA header says
 STEP_NOISE_SEED_OFFSET = 10_000_019  # image i's between-step sampler noise uses seed + i + this offset
 
 SCHEDULERS = {
@@ -20,36 +28,8 @@ SCHEDULERS = {
 }
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_pipeline(model: str = "toy", device: str | None = None, dtype: torch.dtype | None = None):
-    """``model``: ``"toy"`` (the embedded teacher), a local pipeline directory, or a hub id (on machines that
-    reach the hub). Returns a diffusers pipeline on ``device`` (CUDA when available)."""
-    from diffusers import DiffusionPipeline
-
-    from .toy.world import toy_teacher_path
-
-    device = device or default_device()
-    path = toy_teacher_path() if model == "toy" else model
-    if Path(path).exists() and not (Path(path) / "model_index.json").exists():
-        raise ValueError(f"{path} is not a diffusers pipeline directory (no model_index.json); pass a "
-                         "directory saved with `pipe.save_pretrained`, a hub id, or 'toy'")
-    if dtype is None:
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    kwargs = {"torch_dtype": dtype}
-    if model == "toy":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def set_scheduler(pipe, name: str, **overrides):
     """Swap the pipeline's scheduler for ``name`` (a key of ``SCHEDULERS``), keeping its noise schedule."""
-    import diffusers
-
     if name not in SCHEDULERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[name])
@@ -86,20 +66,12 @@ def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 
 
 
 def _initial_latents(pipe, n: int, seed: int, height: int | None, width: int | None) -> torch.Tensor:
-    unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    scale = pipe.vae_scale_factor
-    h = (height or unet.config.sample_size * scale) // scale
-    w = (width or unet.config.sample_size * scale) // scale
-    channels = unet.config.in_channels
-    noise = [torch.randn((1, channels, h, w), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
-    return torch.cat(noise).to(pipe.device, unet.dtype)
+    return seeded_noise(range(n), seed, latent_shape(pipe, height, width)).to(pipe.device, denoiser_of(pipe).dtype)
 
 
 def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
                scale: int = 2):
     """A labelled PIL grid: ``rows`` is a list of (N,H,W,3) uint8 arrays, one per row."""
-    from PIL import Image, ImageDraw
-
     n_cols = max(len(r) for r in rows)
     h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
     left = 8 + 7 * max((len(l) for l in row_labels), default=0) if row_labels else 0
@@ -125,19 +97,15 @@ def load_loras_into_pipeline(pipe, loras: list[tuple[str, float]], fuse: bool = 
     (``set_adapters``); with ``fuse`` fold them into the base weights. Each load is checked layer by layer
     against the file (a silently dropped layer raises). Returns the ``stepdistill.method`` of each file
     ("lcd", "reflow", or "" for foreign LoRAs)."""
-    from . import lora_io
-
     names, weights, methods = [], [], []
     for i, (path, weight) in enumerate(loras):
-        file = lora_io._resolve_file(path) if Path(path).is_dir() else Path(path)
-        if not file.exists():
-            raise FileNotFoundError(f"LoRA file {file} not found")
-        _, metadata, _ = lora_io.read_lora(file)
-        name = f"lora{i}_{file.parent.name if file.name == lora_io.LORA_WEIGHT_NAME else file.stem}"
+        file = lora_file(path)
+        _, metadata, _ = lora.read_lora(file)
+        name = f"lora{i}_{file.parent.name if file.name == lora.LORA_WEIGHT_NAME else file.stem}"
         name = "".join(ch if ch.isalnum() else "_" for ch in name)
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
         if verify:
-            lora_io.verify_lora_loaded(pipe, file, name)
+            lora.verify_lora_loaded(pipe, file, name)
         names.append(name)
         weights.append(weight)
         methods.append(metadata.get("stepdistill.method", ""))
@@ -146,3 +114,52 @@ def load_loras_into_pipeline(pipe, loras: list[tuple[str, float]], fuse: bool = 
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
     return methods
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sampler an adapter is meant for
+
+
+def lora_file(path: str | Path) -> Path:
+    """A LoRA file, or the ``pytorch_lora_weights.safetensors`` in a directory; it must exist."""
+    file = lora.resolve_lora_file(path) if Path(path).is_dir() else Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"LoRA file {file} not found")
+    return file
+
+
+def lora_metadata(loras: list[tuple[str, float]]) -> list[dict[str, str]]:
+    """The safetensors header of each ``(path, weight)``."""
+    return [lora.read_lora(lora_file(path))[1] for path, _ in loras]
+
+
+def sampler_from_lora(metadatas: list[dict[str, str]]) -> tuple[str | None, int | None]:
+    """``(sampler, num_windows)`` the adapters were trained for, from their headers (written from the method's
+    model card): ``"lcm"`` for LCD adapters, ``"perflow"`` (with the header's window count) for reflow ones,
+    ``(None, None)`` when the headers do not tell (foreign LoRAs, or LoRAs of different methods)."""
+    kinds = {m.get("stepdistill.method", "") for m in metadatas} - {""}
+    if kinds == {"lcd"}:
+        return "lcm", None
+    if kinds == {"reflow"}:
+        windows = [int(m["stepdistill.num_windows"]) for m in metadatas if m.get("stepdistill.num_windows")]
+        return "perflow", windows[0] if windows else None
+    return None, None
+
+
+def apply_sampler(pipe, sampler: str, steps: int, num_windows: int | None = None):
+    """Put ``sampler`` on ``pipe`` for a ``steps``-step run, always built from the pipeline's original scheduler
+    config (remembered on first use), so one run's settings never leak into the next: DDIM gets trailing spacing
+    below 25 steps and the model's own spacing from 25 on; ``perflow`` is the PeRFlow scheduler with
+    ``num_windows`` windows (default 4)."""
+    base = getattr(pipe, "_stepdistill_base_scheduler", None)
+    if base is None:
+        base = pipe.scheduler
+        pipe._stepdistill_base_scheduler = base
+    pipe.scheduler = base
+    if sampler == "perflow":
+        pipe.scheduler = PiecewiseRectifiedFlowScheduler.from_config(base.config, num_windows=num_windows or DEFAULT_NUM_WINDOWS)
+    elif sampler == "ddim":
+        set_scheduler(pipe, "ddim", trailing=steps < 25)
+    else:
+        set_scheduler(pipe, sampler)
+    return pipe

@@ -20,7 +20,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def toy_pipe():
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
 
     return load_pipeline("toy", device="cpu")
 

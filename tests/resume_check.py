@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.training import TrainingInterrupted, train
+from stepdistill.training.loop import TrainingInterrupted, train
 
 RESUME_KW = dict(max_train_steps=4, checkpointing_steps=2, reflow_time_distribution="logit_normal")
 

@@ -9,8 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill import couplings as C
+from stepdistill.methods import reflow_couplings as RC
+from stepdistill.cli import reflow as cli_reflow
+from stepdistill.data import couplings as couplings_io
+from stepdistill.models import denoiser
+from stepdistill import errors
+from stepdistill import ode
+from stepdistill.data import prompts as prompts_io
 from stepdistill import reflow
+from stepdistill import parametrization
 from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
 
 PROMPTS = ["a red circle", "a blue square", "a red circle", "a small green triangle", "a big red square"]
@@ -53,10 +60,10 @@ def test_couplings_equal_the_stock_pipeline_with_the_student_scheduler(tiny_rand
 
     pipe = _v_pipe(tiny_random_pipe) if prediction_type == "v_prediction" else tiny_random_pipe
     K, N, w = 2, 4, 3.0
-    res = C.generate_couplings(pipe, PROMPTS, tmp_path / "c", num_steps=N, num_windows=K, guidance_scale=w,
+    res = RC.generate_couplings(pipe, PROMPTS, tmp_path / "c", num_steps=N, num_windows=K, guidance_scale=w,
                                shard_size=3, batch_size=2, progress=False)
     assert res.num_generated == 5 and len(res.shards_written) == 2 and res.couplings_per_second > 0
-    cs = C.load_couplings(tmp_path / "c")
+    cs = couplings_io.load_couplings(tmp_path / "c")
     m = cs.manifest
     assert m["teacher"] == "vp" and m["prediction_type"] == prediction_type and m["completed"] == m["shards"]
     noise, data, states = cs.tensor("noise"), cs.tensor("data"), cs.boundary_states(torch.arange(5))
@@ -72,12 +79,12 @@ def test_couplings_equal_the_stock_pipeline_with_the_student_scheduler(tiny_rand
     scale = data.abs().max()
     torch.testing.assert_close(data, out, atol=2e-6 * scale, rtol=0)
     for j, gi in enumerate(m["boundary_grid_indices"]):
-        want = reflow.vp_state_to_flow(noise if gi == 0 else seen[gi], m["sigma_boundaries"][j])
+        want = parametrization.vp_state_to_flow(noise if gi == 0 else seen[gi], m["sigma_boundaries"][j])
         torch.testing.assert_close(states[:, j], want, atol=2e-6 * scale, rtol=0, msg=f"boundary {j}")
     # exact ends: the first boundary state is the noise (as a flow state), the last one is the data
-    assert torch.equal(states[:, 0], reflow.vp_state_to_flow(noise, m["sigma_max"]))
+    assert torch.equal(states[:, 0], parametrization.vp_state_to_flow(noise, m["sigma_max"]))
     assert torch.equal(states[:, -1], data)
-    torch.testing.assert_close(reflow.flow_state_to_vp_input(states[:, 0], m["sigma_max"], cs_ac(pipe))[0], noise)
+    torch.testing.assert_close(parametrization.flow_state_to_vp_input(states[:, 0], m["sigma_max"], cs_ac(pipe))[0], noise)
     # noise i is torch.Generator().manual_seed(seed + i); the prompt table is deduplicated
     assert torch.equal(noise[3], torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))[0])
     assert m["prompts"] == ["a red circle", "a blue square", "a small green triangle", "a big red square"]
@@ -96,10 +103,10 @@ def cs_ac(pipe):
 
 def test_deterministic_per_sample_regardless_of_batch_size(tiny_random_pipe, tmp_path):
     kw = dict(num_steps=3, num_windows=1, guidance_scale=2.0, progress=False)
-    C.generate_couplings(tiny_random_pipe, PROMPTS[:4], tmp_path / "a", batch_size=1, **kw)
-    C.generate_couplings(tiny_random_pipe, PROMPTS[:4], tmp_path / "b", batch_size=4, **kw)
-    C.generate_couplings(tiny_random_pipe, PROMPTS[2:4], tmp_path / "c", seed=2, batch_size=2, **kw)
-    a, b, c = (C.load_couplings(tmp_path / d) for d in "abc")
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[:4], tmp_path / "a", batch_size=1, **kw)
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[:4], tmp_path / "b", batch_size=4, **kw)
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[2:4], tmp_path / "c", seed=2, batch_size=2, **kw)
+    a, b, c = (couplings_io.load_couplings(tmp_path / d) for d in "abc")
     assert torch.equal(a.tensor("noise"), b.tensor("noise"))
     assert torch.equal(a.tensor("noise")[2:], c.tensor("noise"))  # sample i only depends on seed + i
     scale = a.tensor("data").abs().max()
@@ -111,54 +118,54 @@ def test_deterministic_per_sample_regardless_of_batch_size(tiny_random_pipe, tmp
 def test_crash_resumes_without_redoing_or_losing_shards(tiny_random_pipe, tmp_path):
     kw = dict(num_steps=2, num_windows=2, guidance_scale=2.0, shard_size=2, batch_size=2, progress=False)
     out = tmp_path / "c"
-    with pytest.raises(C.CouplingInterrupted):
-        C.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
+    with pytest.raises(RC.CouplingInterrupted):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
     first = out / "couplings-00000.safetensors"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["completed"] == [first.name] and not (out / "couplings-00001.safetensors").exists()
-    with pytest.raises(C.CouplingError, match="incomplete.*re-run"):
-        C.load_couplings(out)
+    with pytest.raises(errors.CouplingError, match="incomplete.*re-run"):
+        couplings_io.load_couplings(out)
     stat, blob = first.stat(), first.read_bytes()
 
     # a second crash after the shard file was renamed into place but before the manifest recorded it
-    with pytest.raises(C.CouplingInterrupted):
-        C.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
+    with pytest.raises(RC.CouplingInterrupted):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["completed"] = manifest["completed"][:1]
     (out / "manifest.json").write_text(json.dumps(manifest))
     second = out / "couplings-00001.safetensors"
     stat2 = second.stat()
 
-    res = C.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
+    res = RC.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
     assert res.shards_skipped == [first.name, second.name] and res.shards_written == ["couplings-00002.safetensors"]
     assert res.num_generated == 1
     assert first.stat().st_mtime_ns == stat.st_mtime_ns and first.read_bytes() == blob
     assert second.stat().st_mtime_ns == stat2.st_mtime_ns
     assert not list(out.glob("*.tmp"))
-    cs = C.load_couplings(out)
+    cs = couplings_io.load_couplings(out)
     assert len(cs) == 5 and cs.seed.tolist() == [0, 1, 2, 3, 4]
     # identical to an uninterrupted run
-    C.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "ref", **kw)
-    ref = C.load_couplings(tmp_path / "ref")
+    RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "ref", **kw)
+    ref = couplings_io.load_couplings(tmp_path / "ref")
     torch.testing.assert_close(cs.tensor("boundary_states"), ref.tensor("boundary_states"), atol=0, rtol=0)
     # finished: a rerun does nothing
-    again = C.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
+    again = RC.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
     assert again.num_generated == 0 and len(again.shards_skipped) == 3
 
 
 def test_changed_arguments_raise_a_clear_error(tiny_random_pipe, tmp_path):
     kw = dict(num_steps=2, num_windows=1, guidance_scale=2.0, progress=False)
-    C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **kw)
-    with pytest.raises(C.CouplingArgumentsMismatch, match=r"guidance_scale: on disk 2\.0, requested 4\.0.*new output"):
-        C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **{**kw, "guidance_scale": 4.0})
-    with pytest.raises(C.CouplingArgumentsMismatch, match="prompts_sha256"):
-        C.generate_couplings(tiny_random_pipe, PROMPTS[:3], tmp_path, **kw)
-    with pytest.raises(C.CouplingArgumentsMismatch, match="solver"):
-        C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **{**kw, "solver": "dpmpp"})
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **kw)
+    with pytest.raises(errors.CouplingArgumentsMismatch, match=r"guidance_scale: on disk 2\.0, requested 4\.0.*new output"):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **{**kw, "guidance_scale": 4.0})
+    with pytest.raises(errors.CouplingArgumentsMismatch, match="prompts_sha256"):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS[:3], tmp_path, **kw)
+    with pytest.raises(errors.CouplingArgumentsMismatch, match="solver"):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, **{**kw, "solver": "dpmpp"})
     # batch size is not an argument of the result
-    assert C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, batch_size=1, **kw).num_generated == 0
-    with pytest.raises(C.CouplingError, match="num_steps .* >= num_windows"):
-        C.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path / "x", num_steps=2, num_windows=4,
+    assert RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path, batch_size=1, **kw).num_generated == 0
+    with pytest.raises(errors.CouplingError, match="num_steps .* >= num_windows"):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path / "x", num_steps=2, num_windows=4,
                              progress=False)
 
 
@@ -194,8 +201,8 @@ def test_sdxl_couplings_equal_the_stock_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     pipe = tiny_sdxl_pipe()
-    C.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=4, num_windows=2, guidance_scale=3.0, progress=False)
-    cs = C.load_couplings(tmp_path)
+    RC.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=4, num_windows=2, guidance_scale=3.0, progress=False)
+    cs = couplings_io.load_couplings(tmp_path)
     assert cs.manifest["time_ids"] == [32, 32, 0, 0, 32, 32] and cs.pooled.shape == (3, 16)
     assert cs.prompt_embeds[-1].abs().max() == 0 and cs.pooled[-1].abs().max() == 0
     student = StableDiffusionXLPipeline(**pipe.components)
@@ -229,7 +236,7 @@ class PointMassUNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kw):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        abar = reflow.vp_alphas_cumprod_at(t.cpu(), self.ac).float().reshape(-1, 1, 1, 1).to(sample.device)
+        abar = parametrization.vp_alphas_cumprod_at(t.cpu(), self.ac).float().reshape(-1, 1, 1, 1).to(sample.device)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         eps = (sample - a * self.c) / s
         out = eps if self.prediction_type == "epsilon" else a * eps - s * self.c
@@ -246,12 +253,12 @@ def point_mass_pipe(tiny_random_pipe, prediction_type="epsilon", seed=5):
                                  encode_prompt=p.encode_prompt, vae=p.vae), c
 
 
-@pytest.mark.parametrize("solver", C.SOLVERS)
+@pytest.mark.parametrize("solver", ode.SOLVERS)
 def test_every_solver_is_exact_on_a_straight_teacher(tiny_random_pipe, tmp_path, solver):
     pipe, c = point_mass_pipe(tiny_random_pipe)
-    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=5, num_windows=3, solver=solver,
+    RC.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=5, num_windows=3, solver=solver,
                          guidance_scale=3.0, progress=False)
-    cs = C.load_couplings(tmp_path)
+    cs = couplings_io.load_couplings(tmp_path)
     st, b = cs.boundary_states(torch.arange(3)), cs.sigma_boundaries
     torch.testing.assert_close(cs.tensor("data"), c.expand(3, -1, -1, -1), atol=2e-4, rtol=0)
     for j in range(len(b)):  # every boundary state on the straight line noise -> c
@@ -260,7 +267,7 @@ def test_every_solver_is_exact_on_a_straight_teacher(tiny_random_pipe, tmp_path,
 
 
 def test_solver_error_decreases_with_steps_and_is_zero_against_itself(tiny_random_pipe):
-    rep = C.coupling_solver_error(tiny_random_pipe, PROMPTS[:2],
+    rep = RC.coupling_solver_error(tiny_random_pipe, PROMPTS[:2],
                                   solvers=[("ddim", 3), ("ddim", 12), ("dpmpp", 12), ("euler", 12), ("ddim", 48)],
                                   reference=("ddim", 48), guidance_scale=2.0)
     r = {(x["solver"], x["steps"]): x for x in rep["results"]}
@@ -271,13 +278,13 @@ def test_solver_error_decreases_with_steps_and_is_zero_against_itself(tiny_rando
 
 
 def test_teacher_spacing_keeps_boundaries_exact(tiny_random_pipe):
-    teacher = C.TeacherFlow(tiny_random_pipe)
-    g_sigma, idx = C.coupling_grid(7, 3, teacher.sigma_max, "sigma", teacher)
-    g_teach, idx2 = C.coupling_grid(7, 3, teacher.sigma_max, "teacher", teacher)
+    teacher = denoiser.TeacherFlow(tiny_random_pipe)
+    g_sigma, idx = ode.coupling_grid(7, 3, teacher.sigma_max, "sigma", teacher.clock)
+    g_teach, idx2 = ode.coupling_grid(7, 3, teacher.sigma_max, "teacher", teacher.clock)
     assert idx == idx2 == [0, 3, 5, 7]
     assert torch.equal(g_sigma[idx], g_teach[idx])
     assert not torch.allclose(g_sigma, g_teach)
-    t = reflow.vp_timestep_for_sigma(g_teach[:3], teacher.alphas_cumprod).double()  # uniform in t inside window 0
+    t = parametrization.vp_timestep_for_sigma(g_teach[:3], teacher.alphas_cumprod).double()  # uniform in t inside window 0
     assert (t[1] - t[0]).item() == pytest.approx((t[2] - t[1]).item(), rel=1e-3)
 
 
@@ -343,9 +350,9 @@ def test_sd3_couplings_equal_the_stock_flowmatch_pipeline(tmp_path, solver):
     at every window boundary; boundary 0 is the noise itself; the uncond row is encode_prompt('')."""
     pipe = tiny_sd3_pipe()
     K, N, w = 3, 6, 3.0
-    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=N, num_windows=K, guidance_scale=w, solver=solver,
+    RC.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=N, num_windows=K, guidance_scale=w, solver=solver,
                          shard_size=2, progress=False)
-    cs = C.load_couplings(tmp_path)
+    cs = couplings_io.load_couplings(tmp_path)
     m = cs.manifest
     assert m["teacher"] == "flow" and m["sigma_max"] == 1.0 and m["latent_shape"] == [16, 8, 8]
     sched = PiecewiseRectifiedFlowScheduler(prediction_type="flow", num_windows=K)
@@ -368,12 +375,12 @@ def test_sd3_couplings_equal_the_stock_flowmatch_pipeline(tmp_path, solver):
 
 def test_sd3_dpmpp_converges_and_shifted_spacing(tmp_path):
     pipe = tiny_sd3_pipe(shift=3.0)
-    rep = C.coupling_solver_error(pipe, PROMPTS[:2], solvers=[("dpmpp", 4), ("dpmpp", 16), ("ddim", 16)],
+    rep = RC.coupling_solver_error(pipe, PROMPTS[:2], solvers=[("dpmpp", 4), ("dpmpp", 16), ("ddim", 16)],
                                   reference=("ddim", 128), guidance_scale=3.0)
     r = [x["rmse"] for x in rep["results"]]
     assert r[0] > r[1] and r[1] < r[2]
-    teacher = C.TeacherFlow(pipe)
-    g, idx = C.coupling_grid(8, 2, 1.0, "teacher", teacher)
+    teacher = denoiser.TeacherFlow(pipe)
+    g, idx = ode.coupling_grid(8, 2, 1.0, "teacher", teacher.clock)
     assert g[idx].tolist() == [1.0, 0.5, 0.0]
     u = teacher.native_clock(g[:5])  # un-shifted sigma is uniform inside window 0: the scheduler's own shift
     torch.testing.assert_close(u[1:] - u[:-1], (u[1] - u[0]).expand(4), atol=1e-9, rtol=0)
@@ -392,7 +399,7 @@ def test_cli_couple_and_solver_error(tiny_random_pipe, tmp_path, capsys):
     tiny_random_pipe.save_pretrained(model)
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
     parser = argparse.ArgumentParser()
-    C.add_reflow_commands(parser.add_subparsers(dest="command"))
+    cli_reflow.add_reflow_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["reflow", "couple", "--model", str(model), "--prompts", str(tmp_path / "prompts.txt"),
                               "--out", str(tmp_path / "c"), "--steps", "2", "--windows", "2", "--guidance", "2",
                               "--device", "cpu"])
@@ -408,4 +415,4 @@ def test_cli_couple_and_solver_error(tiny_random_pipe, tmp_path, capsys):
     args.func(args)
     assert "dpmpp" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "err.json").read_text())["results"]) == 2
-    assert C.read_prompts("toy:3") == C.read_prompts("toy:3:0") and len(C.read_prompts("toy:3")) == 3
+    assert prompts_io.read_prompts("toy:3")[0] == prompts_io.read_prompts("toy:3:0")[0] and len(prompts_io.read_prompts("toy:3")[0]) == 3

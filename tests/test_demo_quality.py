@@ -5,7 +5,7 @@ teacher at 1 and 2 steps and straighten its trajectories. (The full demo recipes
 hold for the shortened runs used here: recorded figures in docs/results.md.)"""
 import pytest
 
-from stepdistill.demo import run_demo
+from stepdistill.experiments.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stepdistill import evaluate as ev
-from stepdistill import lora_io
+from stepdistill.cli.eval import cmd_eval
+from stepdistill.eval import evaluate as ev
+from stepdistill.eval.report import quality_numbers
+from stepdistill.sampling import DEFAULT_NUM_WINDOWS
+from stepdistill import lora
 from stepdistill.toy.world import TOY_GUIDANCE, TOY_TEACHER_DIR, evaluation_prompts
 
 N_PROMPTS = 8
@@ -32,7 +35,7 @@ def _build_tiny_pipe():
 def model_and_loras(tmp_path_factory):
     """(model id, LCD LoRA dir, reflow LoRA file): the toy teacher when committed, else a tiny random pipeline;
     random non-zero LoRAs (so a student really differs from its base) with stepdistill metadata."""
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
 
     root = tmp_path_factory.mktemp("eval-model")
     if (TOY_TEACHER_DIR / "model_index.json").exists():
@@ -43,15 +46,15 @@ def model_and_loras(tmp_path_factory):
         _build_tiny_pipe().save_pretrained(model)
         pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     unet = pipe.unet
-    lora_io.add_lora_to_unet(unet, rank=4)
+    lora.add_lora_to_unet(unet, rank=4)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     lcd_dir = root / "lora-lcd"
-    lora_io.save_lora(lcd_dir, unet, metadata={"stepdistill.method": "lcd"})
-    reflow_file = lora_io.save_lora(root / "reflow.safetensors", unet,
+    lora.save_lora(lcd_dir, unet, metadata={"stepdistill.method": "lcd"})
+    reflow_file = lora.save_lora(root / "reflow.safetensors", unet,
                                     metadata={"stepdistill.method": "reflow", "stepdistill.num_windows": 2})
     return model, str(lcd_dir), str(reflow_file)
 
@@ -90,7 +93,7 @@ def test_resolve_defaults_from_lora_metadata(model_and_loras):
     r = ev.resolve_method(ev.parse_method(f"r={reflow_file}:perflow:windows=3"), (25, 50), (1, 2), 5.0)
     assert r["num_windows"] == 3  # the spec wins over the metadata
     r = ev.resolve_method(ev.parse_method(f"r={lcd_dir}:perflow"), (25, 50), (1, 2), 5.0)
-    assert r["num_windows"] == ev.DEFAULT_NUM_WINDOWS  # no metadata -> 4
+    assert r["num_windows"] == DEFAULT_NUM_WINDOWS  # no metadata -> 4
     r = ev.resolve_method(ev.parse_method("teacher"), (25, 50), (1, 2), 5.0)
     assert (r["sampler"], r["steps"], r["guidance"]) == ("ddim", [25, 50], 5.0)
     with pytest.raises(FileNotFoundError):
@@ -99,7 +102,7 @@ def test_resolve_defaults_from_lora_metadata(model_and_loras):
 
 def test_perflow_sampler_gets_window_count(model_and_loras):
     from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
 
     pipe = load_pipeline(model_and_loras[0], device="cpu", dtype=torch.float32)
     ev.apply_sampler(pipe, "perflow", 4, num_windows=2)
@@ -135,7 +138,7 @@ def test_evaluate_writes_outputs_and_repeats_exactly(model_and_loras, tmp_path):
     for m in methods:
         argv += ["--method", m]
     args = parser.parse_args(argv)
-    assert args.func is ev.cmd_eval
+    assert args.func is cmd_eval
     args.func(args)
 
     a = json.loads((tmp_path / "a" / "results.json").read_text())
@@ -170,13 +173,13 @@ def test_evaluate_writes_outputs_and_repeats_exactly(model_and_loras, tmp_path):
     # second run through the Python API: identical quality numbers (timings excluded)
     b = ev.evaluate(tmp_path / "b", methods=methods, model=model, prompts=f"toy:{N_PROMPTS}", student_steps=(1, 2),
                     teacher_steps=(4,), grid_prompts=4, verbose=False)
-    assert ev.quality_numbers(a) == ev.quality_numbers(b)
-    assert ev.quality_numbers(a)["lcd"]["2"]["toy_fid"] == b["methods"]["lcd"]["cells"]["2"]["toy_fid"]
+    assert quality_numbers(a) == quality_numbers(b)
+    assert quality_numbers(a)["lcd"]["2"]["toy_fid"] == b["methods"]["lcd"]["cells"]["2"]["toy_fid"]
 
 
 def test_seeded_generate_repeats_and_depends_on_seed(model_and_loras):
     """LCM at 2+ steps injects noise between steps: it must come from per-image seeds, not the global RNG."""
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
 
     model, _, _ = model_and_loras
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
@@ -236,6 +239,6 @@ def test_non_toy_prompts_and_perflow(model_and_loras, tmp_path):
 
 
 def test_evaluation_prompts_source_matches_world():
-    prompts, source = ev.load_prompts("toy:5", seed=3)
+    prompts, source = ev.read_prompts("toy:5", seed=3)
     assert prompts == evaluation_prompts(5, seed=3) and source.startswith("toy:5")
     assert ev.are_toy_prompts(prompts) and not ev.are_toy_prompts(prompts + ["a cat"])

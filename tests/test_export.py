@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from stepdistill import export, lora_io
-from stepdistill.lora_io import LoraFormatError, add_lora_to_unet, lora_delta, unet_lora_state_dict, verify_lora_loaded
+from stepdistill import lora
+from stepdistill.cli.lora import add_lora_commands
+from stepdistill.lora import LoraFormatError, add_lora_to_unet, lora_delta, unet_lora_state_dict, verify_lora_loaded
+from stepdistill.models.family import FLUX_LORA_TARGET_MODULES
 from test_lora_io import perturb_lora
 
 FLOW_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -38,7 +40,7 @@ def _unet_layers(rank: int, alpha: float, seed: int = 1):
 def unet_lora(tmp_path_factory):
     """A toy-UNet LoRA (rank 4, alpha 8: scale 2, so a lost alpha is a 2x error) saved as training saves it."""
     layers = _unet_layers(4, 8.0)
-    path = lora_io.save_lora(tmp_path_factory.mktemp("lora") / "accel", layers, metadata=CARD, title="toy accel")
+    path = lora.save_lora(tmp_path_factory.mktemp("lora") / "accel", layers, metadata=CARD, title="toy accel")
     return path, layers
 
 
@@ -70,7 +72,7 @@ def _flow_layers(make, rank=4, alpha=8.0):
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="stepdistill")
     sub = parser.add_subparsers(dest="command", required=True)
-    export.add_portability_commands(sub)
+    add_lora_commands(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)
@@ -93,13 +95,13 @@ def test_kohya_diffusers_kohya_round_trip_is_bit_exact(unet_lora, tmp_path):
     path, layers = unet_lora
     d = tmp_path / "d.safetensors"
     assert _cli(["export", str(path), str(d), "--format", "diffusers"]) == 0
-    sd_d, md_d, fmt_d = lora_io.read_lora(d)
+    sd_d, md_d, fmt_d = lora.read_lora(d)
     assert fmt_d == "diffusers" and all(k.startswith("unet.") for k in sd_d)
-    assert md_d[export.FOLDED_ALPHA_KEY] == "8.0"
+    assert md_d[lora.FOLDED_ALPHA_KEY] == "8.0"
     k = tmp_path / "k.safetensors"
     assert _cli(["export", str(d), str(k), "--format", "kohya"]) == 0
-    orig, md_o, _ = lora_io.read_lora(path)
-    back, md_k, fmt_k = lora_io.read_lora(k)
+    orig, md_o, _ = lora.read_lora(path)
+    back, md_k, fmt_k = lora.read_lora(k)
     assert fmt_k == "kohya"
     _assert_same_tensors(orig, back)
     for key in CARD:  # the stepdistill card survives both hops
@@ -114,11 +116,11 @@ def test_kohya_diffusers_kohya_round_trip_is_bit_exact(unet_lora, tmp_path):
 
 def test_round_trip_with_non_power_of_two_scale_keeps_the_update(tmp_path):
     layers = _unet_layers(4, 3.0)  # scale 0.75: folding rounds in fp16
-    src = lora_io.save_lora(tmp_path / "src.safetensors", layers)
-    export.export_lora(src, tmp_path / "d.safetensors", "diffusers")
-    export.export_lora(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya")
-    a = lora_io.read_lora_layers(src)
-    b = lora_io.read_lora_layers(tmp_path / "k.safetensors")
+    src = lora.save_lora(tmp_path / "src.safetensors", layers)
+    lora.export_lora(src, tmp_path / "d.safetensors", "diffusers")
+    lora.export_lora(tmp_path / "d.safetensors", tmp_path / "k.safetensors", "kohya")
+    a = lora.read_lora_layers(src)
+    b = lora.read_lora_layers(tmp_path / "k.safetensors")
     assert a.keys() == b.keys()
     for p in a:
         assert b[p][2] == 3.0 and torch.equal(a[p][0], b[p][0])  # alpha restored, lora_down untouched
@@ -128,20 +130,20 @@ def test_round_trip_with_non_power_of_two_scale_keeps_the_update(tmp_path):
 
 def test_dtype_conversion_and_kohya_to_kohya_identity(unet_lora, tmp_path):
     path, _ = unet_lora
-    export.export_lora(path, tmp_path / "same.safetensors", "kohya")
-    _assert_same_tensors(lora_io.read_lora(path)[0], lora_io.read_lora(tmp_path / "same.safetensors")[0])
-    export.export_lora(path, tmp_path / "f32.safetensors", "kohya", dtype=torch.float32)
-    sd32 = lora_io.read_lora(tmp_path / "f32.safetensors")[0]
+    lora.export_lora(path, tmp_path / "same.safetensors", "kohya")
+    _assert_same_tensors(lora.read_lora(path)[0], lora.read_lora(tmp_path / "same.safetensors")[0])
+    lora.export_lora(path, tmp_path / "f32.safetensors", "kohya", dtype=torch.float32)
+    sd32 = lora.read_lora(tmp_path / "f32.safetensors")[0]
     assert all(v.dtype == torch.float32 for v in sd32.values())
-    export.export_lora(tmp_path / "f32.safetensors", tmp_path / "f16.safetensors", "kohya", dtype=torch.float16)
-    _assert_same_tensors(lora_io.read_lora(path)[0], lora_io.read_lora(tmp_path / "f16.safetensors")[0])
+    lora.export_lora(tmp_path / "f32.safetensors", tmp_path / "f16.safetensors", "kohya", dtype=torch.float16)
+    _assert_same_tensors(lora.read_lora(path)[0], lora.read_lora(tmp_path / "f16.safetensors")[0])
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_every_unet_format_loads_in_stock_diffusers(unet_lora, tmp_path, fmt):
     path, layers = unet_lora
     out = tmp_path / fmt
-    export.export_lora(path, out, fmt, base=_make_pipe().unet)
+    lora.export_lora(path, out, fmt, base=_make_pipe().unet)
     pipe = _make_pipe()
     pipe.load_lora_weights(str(out), adapter_name="x")
     report = verify_lora_loaded(pipe, layers, "x")
@@ -153,17 +155,17 @@ def test_comfy_flow_loads_in_stock_diffusers_and_round_trips(tmp_path, make, fam
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     layers = _flow_layers(make)
-    guessed = export.infer_family(layers, "transformer")[0]
+    guessed = lora.infer_family(layers, "transformer")[0]
     assert guessed == ("flux1" if make is _flux else "sd3 or flux1")  # SD3 q/k/v/ff names are FLUX's too
-    out = export.write_adapter(layers, tmp_path / "flow.safetensors", "comfy-flow", component="transformer",
+    out = lora.write_adapter(layers, tmp_path / "flow.safetensors", "comfy-flow", component="transformer",
                                metadata=CARD, family=family)
-    sd, md = lora_io.open_safetensors(out)[1:]
+    sd, md = lora.open_safetensors(out)[1:]
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd)
     assert len(sd) == 2 * len(layers)
     assert md["ss_base_model_version"] == family and md["modelspec.architecture"].endswith("/lora")
-    assert export.comfy_unmapped(layers, family) == []
+    assert lora.comfy_unmapped(layers, family) == []
 
-    back = export.read_adapter(out)
+    back = lora.read_adapter(out)
     assert back.component == "transformer" and back.format == "comfy-flow" and set(back.layers) == set(layers)
     for p, (d, u, a) in layers.items():  # dtype kept (fp32), scale 2: folding and unfolding are exact
         bd, bu, ba = back.layers[p]
@@ -179,7 +181,7 @@ def test_comfy_flow_loads_in_stock_diffusers_and_round_trips(tmp_path, make, fam
     report = verify_lora_loaded(fresh, layers, "x")
     assert report.ok and report.loaded == len(layers) > 15
 
-    info = export.inspect_lora(out)
+    info = lora.inspect_lora(out)
     assert info["format"] == "comfy-flow" and info["component"] == "transformer"
     assert info["base_family"] == family and info["modules"] == len(layers)
     assert info["stepdistill"]["method"] == "lcd"
@@ -188,12 +190,12 @@ def test_comfy_flow_loads_in_stock_diffusers_and_round_trips(tmp_path, make, fam
 def test_onetrainer_flow_keys_round_trip_with_and_without_the_model(tmp_path):
     model = _flux()
     layers = _flow_layers(_flux)
-    out = export.write_adapter(layers, tmp_path / "ot.safetensors", "comfy-flow", component="transformer",
+    out = lora.write_adapter(layers, tmp_path / "ot.safetensors", "comfy-flow", component="transformer",
                                flow_keys="onetrainer", dtype=torch.float32)
-    sd = lora_io.open_safetensors(out)[1]
+    sd = lora.open_safetensors(out)[1]
     assert len(sd) == 3 * len(layers) and all(k.startswith("lora_transformer_") for k in sd)
     for base in (None, model):
-        back = export.read_adapter(out, base)
+        back = lora.read_adapter(out, base)
         assert back.format == "onetrainer" and set(back.layers) == set(layers)
         for p, (d, u, a) in layers.items():
             assert back.layers[p][2] == a and torch.equal(back.layers[p][0], d) and torch.equal(back.layers[p][1], u)
@@ -202,18 +204,39 @@ def test_onetrainer_flow_keys_round_trip_with_and_without_the_model(tmp_path):
 def test_wrong_format_for_the_component_is_refused(unet_lora, tmp_path):
     path, _ = unet_lora
     with pytest.raises(ValueError, match="transformer"):
-        export.export_lora(path, tmp_path / "x.safetensors", "comfy-flow")
+        lora.export_lora(path, tmp_path / "x.safetensors", "comfy-flow")
     flow = _flow_layers(_sd3)
     with pytest.raises(ValueError, match="comfy-flow"):
-        export.write_adapter(flow, tmp_path / "y.safetensors", "kohya", component="transformer")
+        lora.write_adapter(flow, tmp_path / "y.safetensors", "kohya", component="transformer")
     # a module ComfyUI's SD3 table does not list (dual-attention attn2 of SD3.5) is refused unless allowed
     d, u, a = flow["transformer_blocks.0.attn.to_q"]
     odd = {**flow, "transformer_blocks.0.attn2.to_q": (d, u, a)}
     with pytest.raises(LoraFormatError, match="attn2.to_q"):
-        export.write_adapter(odd, tmp_path / "z.safetensors", "comfy-flow", component="transformer", family="sd3")
-    export.write_adapter(odd, tmp_path / "z.safetensors", "comfy-flow", component="transformer", family="sd3",
+        lora.write_adapter(odd, tmp_path / "z.safetensors", "comfy-flow", component="transformer", family="sd3")
+    lora.write_adapter(odd, tmp_path / "z.safetensors", "comfy-flow", component="transformer", family="sd3",
                          allow_unmapped=True)
-    assert "transformer_blocks.0.attn2.to_q" in export.read_adapter(tmp_path / "z.safetensors").layers
+    assert "transformer_blocks.0.attn2.to_q" in lora.read_adapter(tmp_path / "z.safetensors").layers
+
+
+
+def test_save_trained_adapter_writes_each_family_in_its_layout(tmp_path):
+    pipe = _make_pipe()
+    add_lora_to_unet(pipe.unet, 4, alpha=8.0)
+    perturb_lora(pipe.unet, "default", 1)
+    path = lora.save_trained_adapter(tmp_path / "unet", pipe.unet, "sd_v2", {"stepdistill.method": "lcd"}, "u")
+    sd, md, fmt = lora.read_lora(path)
+    assert path == tmp_path / "unet" / lora.LORA_WEIGHT_NAME and fmt == "kohya"
+    assert md["ss_base_model_version"] == "sd_v2" and md["modelspec.title"] == "u"
+
+    model = _flux()
+    add_lora_to_unet(model, 4, alpha=8.0, target_modules=FLUX_LORA_TARGET_MODULES)
+    perturb_lora(model, "default", 2)
+    path = lora.save_trained_adapter(tmp_path / "flux", model, "flux1", {"stepdistill.method": "reflow"}, "f")
+    sd, md = lora.open_safetensors(path)[1:]
+    assert all(k.startswith("transformer.") and v.dtype == torch.float16 for k, v in sd.items())
+    assert md["ss_base_model_version"] == "flux1" and md["stepdistill.method"] == "reflow"
+    back = lora.read_adapter(path)
+    assert back.format == "comfy-flow" and set(back.layers) == set(unet_lora_state_dict(model))
 
 
 # ----------------------------------------------------------------------------------------------- inspect
@@ -240,14 +263,14 @@ def test_inspect_describes_a_good_file(unet_lora, capsys):
 def test_base_family_is_inferred_from_shapes_without_metadata(dim, family):
     layers = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k":
               (torch.zeros(4, dim), torch.zeros(320, 4), 4.0)}
-    assert export.infer_family(layers, "unet", {})[0] == family
-    assert export.infer_family(layers, "unet", {"ss_base_model_version": "sd_v2"})[0] == "sd_v2"
+    assert lora.infer_family(layers, "unet", {})[0] == family
+    assert lora.infer_family(layers, "unet", {"ss_base_model_version": "sd_v2"})[0] == "sd_v2"
 
 
 def _bad_files(tmp_path, good_path):
     from safetensors.torch import save_file
 
-    sd, md, _ = lora_io.read_lora(good_path)
+    sd, md, _ = lora.read_lora(good_path)
     files = {}
     files["is not a readable safetensors file"] = tmp_path / "garbage.safetensors"
     files["is not a readable safetensors file"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")

@@ -12,11 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill import couplings as C
-from stepdistill import lora_io
-from stepdistill.config import ConfigError, load_config
-from stepdistill.reflow_objective import ReflowObjective, student_velocity
-from stepdistill.training import train
+from stepdistill.methods import reflow_couplings as RC
+from stepdistill.data import couplings as couplings_io
+from stepdistill.models import denoiser
+from stepdistill import errors
+from stepdistill.models import flux
+from stepdistill.models import latents
+from stepdistill import ode
+from stepdistill import lora
+from stepdistill.models.family import default_target_modules
+from stepdistill.errors import ConfigError
+from stepdistill.training.config import load_config
+from stepdistill.methods.reflow import ReflowObjective
+from stepdistill.models.denoiser import model_velocity as student_velocity
+from stepdistill.training.loop import train
 from test_couplings import PROMPTS, _t5_tokenizer, tiny_sd3_pipe
 
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
@@ -76,7 +85,7 @@ def flow_setup(request, tmp_path_factory):
     pipe = FAMILIES[family]()
     pipe.vae.register_to_config(shift_factor=0.0)  # SD3/FLUX pipelines decode with it (tiny_sd3_pipe leaves None)
     pipe.save_pretrained(root / "model")
-    C.generate_couplings(pipe, PROMPTS[:4], root / "couplings", num_steps=K, num_windows=K, guidance_scale=1.0,
+    RC.generate_couplings(pipe, PROMPTS[:4], root / "couplings", num_steps=K, num_windows=K, guidance_scale=1.0,
                          height=RES, width=RES, model_id=str(root / "model"), progress=False)
     return family, pipe, str(root / "model"), str(root / "couplings")
 
@@ -90,7 +99,7 @@ def _config(model, couplings, out, **kw):
 
 
 def _packed(family, latents):
-    return C.pack_flux_latents(latents) if family == "flux" else latents
+    return flux.pack_flux_latents(latents) if family == "flux" else latents
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,17 +113,17 @@ def test_flux_couplings_equal_the_stock_pipeline(tmp_path, guidance_embeds, guid
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     pipe = tiny_flux_pipe(guidance_embeds)
-    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=4, num_windows=K, guidance_scale=guidance,
+    RC.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=4, num_windows=K, guidance_scale=guidance,
                          height=RES, width=RES, progress=False)
-    cs = C.load_couplings(tmp_path)
+    cs = couplings_io.load_couplings(tmp_path)
     m = cs.manifest
     assert m["teacher"] == "flow" and m["flow_family"] == "flux" and m["latent_shape"] == [16, 8, 8]
     assert cs.flow_family == "flux" and m["guidance_embeds"] is guidance_embeds
     noise, data, st = cs.tensor("noise"), cs.tensor("data"), cs.boundary_states(torch.arange(3))
     assert torch.equal(st[:, 0], noise) and torch.equal(st[:, -1], data)
-    assert torch.equal(C.pack_flux_latents(noise), FluxPipeline._pack_latents(noise, 3, 16, 8, 8))
-    assert torch.equal(C.unpack_flux_latents(C.pack_flux_latents(noise), 8, 8), noise)
-    assert torch.equal(C.flux_image_ids(8, 8), FluxPipeline._prepare_latent_image_ids(3, 4, 4, "cpu", torch.float32))
+    assert torch.equal(flux.pack_flux_latents(noise), FluxPipeline._pack_latents(noise, 3, 16, 8, 8))
+    assert torch.equal(flux.unpack_flux_latents(flux.pack_flux_latents(noise), 8, 8), noise)
+    assert torch.equal(flux.flux_image_ids(8, 8), FluxPipeline._prepare_latent_image_ids(3, 4, 4, "cpu", torch.float32))
     assert ("guidance" in cs.conditioning(torch.tensor([0]))) is guidance_embeds
 
     seen = {}
@@ -127,10 +136,10 @@ def test_flux_couplings_equal_the_stock_pipeline(tmp_path, guidance_embeds, guid
     stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False,
                                                                   shift=1.0)
     with torch.no_grad():
-        out = stock(PROMPTS[:3], latents=C.pack_flux_latents(noise), sigmas=m["step_sigmas"][:-1], height=RES,
+        out = stock(PROMPTS[:3], latents=flux.pack_flux_latents(noise), sigmas=m["step_sigmas"][:-1], height=RES,
                     width=RES, guidance_scale=guidance, output_type="latent", callback_on_step_end=cb).images
-    torch.testing.assert_close(C.pack_flux_latents(data), out, atol=1e-5, rtol=0)
-    torch.testing.assert_close(C.pack_flux_latents(st[:, 1]), seen[m["boundary_grid_indices"][1]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(flux.pack_flux_latents(data), out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flux.pack_flux_latents(st[:, 1]), seen[m["boundary_grid_indices"][1]], atol=1e-5, rtol=0)
     with torch.no_grad():
         e, p, _ = pipe.encode_prompt(m["prompts"] + [""], None)
     torch.testing.assert_close(cs.prompt_embeds, e)
@@ -141,17 +150,17 @@ def test_flux_dynamic_shift_spacing_and_guidance_errors(tmp_path):
     """spacing='teacher' places FLUX's steps where its own dynamically shifted scheduler does (mu from the image
     token count); guidance without a guidance embedding (true CFG) is refused with the fix in the message."""
     pipe = tiny_flux_pipe()
-    teacher = C.TeacherFlow(pipe, RES, RES)
-    grid, idx = C.coupling_grid(4, 1, 1.0, "teacher", teacher)
+    teacher = denoiser.TeacherFlow(pipe, RES, RES)
+    grid, idx = ode.coupling_grid(4, 1, 1.0, "teacher", teacher.clock)
     sched = pipe.scheduler
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (16 - 256)  # calculate_shift(16 image tokens)
     sched.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)
     torch.testing.assert_close(grid.float(), sched.sigmas.float(), atol=1e-6, rtol=0)
     assert teacher.shift() == pytest.approx(float(torch.tensor(mu).double().exp()))
-    with pytest.raises(C.CouplingError, match="guidance_scale=1"):
-        C.generate_couplings(pipe, PROMPTS[:1], tmp_path, num_steps=2, guidance_scale=3.5, height=RES, width=RES)
-    with pytest.raises(C.CouplingError, match="divisible by 4"):
-        C.TeacherFlow(pipe, 18, 18)
+    with pytest.raises(errors.CouplingError, match="guidance_scale=1"):
+        RC.generate_couplings(pipe, PROMPTS[:1], tmp_path, num_steps=2, guidance_scale=3.5, height=RES, width=RES)
+    with pytest.raises(errors.ModelError, match="divisible by 4"):
+        denoiser.TeacherFlow(pipe, 18, 18)
 
 
 def _assert_objective_reads_the_teacher(obj, model):
@@ -179,7 +188,7 @@ def test_flux_dev_embedded_guidance_is_the_students(tmp_path):
     """Guidance-distilled FLUX (guidance_embeds): the couplings' guidance is fed to the student in training and is
     its recommended sampling guidance; a model without the embedding refuses those couplings."""
     pipe = tiny_flux_pipe(guidance_embeds=True)
-    C.generate_couplings(pipe, PROMPTS[:4], tmp_path, num_steps=K, num_windows=K, guidance_scale=3.5, height=RES,
+    RC.generate_couplings(pipe, PROMPTS[:4], tmp_path, num_steps=K, num_windows=K, guidance_scale=3.5, height=RES,
                          width=RES, progress=False)
     obj = ReflowObjective(_config("tiny-flux-dev", str(tmp_path), "unused"), pipe, ACCEL)
     assert obj.student_guidance == 3.5 and obj.card(obj.config)["recommended_guidance"] == 3.5
@@ -233,7 +242,7 @@ def test_reflow_lora_on_the_transformer_loads_in_stock_diffusers(flow_setup, tmp
     out = train(_config(model, couplings, tmp_path / "run", validation_prompts=["a red circle"],
                         validation_step_counts=[2]))
     assert (out / "validation" / "step-000003.png").exists()  # the student sampler in the stock pipeline
-    sd, md, fmt = lora_io.read_lora(out)
+    sd, md, fmt = lora.read_lora(out)
     assert fmt == "diffusers" and all(k.startswith("transformer.") for k in sd)
     assert md["stepdistill.method"] == "reflow" and md["stepdistill.num_windows"] == str(K)
     assert md["ss_base_model_version"] == {"sd3": "sd3", "flux": "flux1"}[family]
@@ -244,9 +253,9 @@ def test_reflow_lora_on_the_transformer_loads_in_stock_diffusers(flow_setup, tmp
 
     state = load_file(str(out / "checkpoint-3" / "lora_state.safetensors"))
     trained = {p: (d, u, ALPHA) for p, (d, u, _) in
-               lora_io._pairs_to_layers(state, ".lora_A.weight", ".lora_B.weight", "checkpoint").items()}
+               lora.pairs_to_layers(state, ".lora_A.weight", ".lora_B.weight", "checkpoint").items()}
     base = _student_pipe(family, model, card)
-    targets = lora_io.default_target_modules(base.transformer)
+    targets = default_target_modules(base.transformer)
     expected = {n for n, mod in base.transformer.named_modules()
                 if isinstance(mod, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
     assert set(trained) == expected and len(expected) >= (14 if family == "flux" else 9)  # SD3: 1 pre-only block
@@ -254,17 +263,17 @@ def test_reflow_lora_on_the_transformer_loads_in_stock_diffusers(flow_setup, tmp
     # SD3's last block is context_pre_only: its text queries feed only discarded text outputs (no gradient)
     assert untrained == ({"transformer_blocks.0.attn.add_q_proj"} if family == "sd3" else set())
 
-    noise = C._initial_noise(range(2), 123, (16, 8, 8))
+    noise = latents.seeded_noise(range(2), 123, (16, 8, 8))
     base_out = _sample(family, base, noise, K)
-    lora_io.add_lora_to_unet(base.transformer, RANK, ALPHA, targets)  # the trained model: same adapter, fp32 state
+    lora.add_lora_to_unet(base.transformer, RANK, ALPHA, targets)  # the trained model: same adapter, fp32 state
     set_peft_model_state_dict(base.transformer, state)
     trained_out = _sample(family, base, noise, K)
 
     stock = _student_pipe(family, model, card)
     stock.load_lora_weights(str(out), adapter_name="reflow")
-    report = lora_io.verify_lora_loaded(stock, trained, "reflow")
+    report = lora.verify_lora_loaded(stock, trained, "reflow")
     assert report.ok and report.loaded == len(trained)
-    report = lora_io.verify_lora_loaded(stock, out, "reflow")  # the file itself, read back
+    report = lora.verify_lora_loaded(stock, out, "reflow")  # the file itself, read back
     assert report.ok and report.loaded == len(trained)
     loaded_out = _sample(family, stock, noise, K)
     err = (loaded_out - trained_out).abs().max().item()

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from stepdistill.lora_io import (
-    LCM_LORA_TARGET_MODULES,
+from stepdistill.lora import (
     LORA_WEIGHT_NAME,
     LoraFormatError,
     LoraLoadError,
@@ -22,6 +21,7 @@ from stepdistill.lora_io import (
     unet_lora_state_dict,
     verify_lora_loaded,
 )
+from stepdistill.models.family import LCM_LORA_TARGET_MODULES
 
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose: a lost alpha shows up as a 2x delta error
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill import metrics
+from stepdistill.eval import metrics
 from stepdistill.toy.scenes import sample_scenes
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stepdistill import reflow
+from stepdistill import parametrization
 from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -167,10 +168,10 @@ def test_velocity_from_vp_output_is_eps_minus_x0(prediction_type):
     a, s = (t.float().view(-1, 1, 1, 1) for t in _vp_pair(abar))
     x_t = a * x0 + s * eps
     out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction_type]
-    v = reflow.velocity_from_vp_output(out, x_t, abar, prediction_type)
+    v = parametrization.velocity_from_vp_output(out, x_t, abar, prediction_type)
     torch.testing.assert_close(v, eps - x0, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError):
-        reflow.velocity_from_vp_output(out, x_t, abar, "flow")
+        parametrization.velocity_from_vp_output(out, x_t, abar, "flow")
 
 
 def test_vp_timestep_and_flow_state_round_trip():
@@ -178,28 +179,28 @@ def test_vp_timestep_and_flow_state_round_trip():
     maps to the VP point (t, alpha_t x0 + sigma_t eps)."""
     ac = _sched().alphas_cumprod
     t_int = torch.tensor([0, 1, 37, 500, 998, 999])
-    s = reflow.sigma_for_vp_timestep(t_int, ac)
+    s = parametrization.sigma_for_vp_timestep(t_int, ac)
     a, sg = _vp_pair(ac[t_int].double())
     torch.testing.assert_close(s, sg / (a + sg))
-    torch.testing.assert_close(reflow.vp_timestep_for_sigma(s, ac), t_int.float(), atol=1e-3, rtol=0)
-    assert reflow.vp_timestep_for_sigma(s + 1e-4, ac, discrete=True).tolist() == t_int.tolist()
-    assert reflow.vp_timestep_for_sigma(s, ac, discrete=True).dtype == torch.long
+    torch.testing.assert_close(parametrization.vp_timestep_for_sigma(s, ac), t_int.float(), atol=1e-3, rtol=0)
+    assert parametrization.vp_timestep_for_sigma(s + 1e-4, ac, discrete=True).tolist() == t_int.tolist()
+    assert parametrization.vp_timestep_for_sigma(s, ac, discrete=True).dtype == torch.long
     # continuous timesteps between the grid points, monotone, clamped outside the schedule
-    tc = reflow.vp_timestep_for_sigma(torch.tensor([0.0, 0.3, 0.31, 0.5, 0.99, 1.0]), ac)
+    tc = parametrization.vp_timestep_for_sigma(torch.tensor([0.0, 0.3, 0.31, 0.5, 0.99, 1.0]), ac)
     assert tc[0] == 0 and tc[-1] == 999 and tc[-2] == 999 and bool(torch.all(tc[1:] >= tc[:-1]))
-    assert reflow.vp_sigma_max(ac) == pytest.approx(0.93596, abs=1e-4)
+    assert parametrization.vp_sigma_max(ac) == pytest.approx(0.93596, abs=1e-4)
     # state map
     g = torch.Generator().manual_seed(4)
     x0, eps = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     sf = torch.tensor([0.8, 0.2])
     z = reflow.straight_interpolation(eps, x0, sf)
-    x_t, t = reflow.flow_state_to_vp_input(z, sf, ac)
-    abar = reflow.vp_alphas_cumprod_at(t, ac)
+    x_t, t = parametrization.flow_state_to_vp_input(z, sf, ac)
+    abar = parametrization.vp_alphas_cumprod_at(t, ac)
     a, sg = (q.float().view(-1, 1, 1, 1) for q in _vp_pair(abar))
     torch.testing.assert_close(x_t, a * x0 + sg * eps, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(reflow.vp_state_to_flow(x_t, sf), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parametrization.vp_state_to_flow(x_t, sf), z, atol=1e-5, rtol=1e-5)
     # the continuous abar is the table at integer timesteps
-    torch.testing.assert_close(reflow.vp_alphas_cumprod_at(t_int, ac), ac[t_int].double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(parametrization.vp_alphas_cumprod_at(t_int, ac), ac[t_int].double(), rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def _point_mass_eps_model(sched, x0_star):
     """The exact epsilon model of the data distribution delta(x0*): eps(x_t, t) = (x_t - alpha_t x0*)/sigma_t."""
 
     def model(x_t, t):
-        abar = reflow.vp_alphas_cumprod_at(t, sched.alphas_cumprod)
+        abar = parametrization.vp_alphas_cumprod_at(t, sched.alphas_cumprod)
         a, s = (q.float() for q in _vp_pair(abar))
         return (x_t - a * x0_star) / s
 
@@ -291,7 +292,7 @@ def test_scheduler_matches_ddim_and_curved_flows_need_more_steps():
     sched = _sched(num_windows=1)
 
     def model(x_t, t):  # exact eps for the mixture 1/2 delta(c0) + 1/2 delta(c1)
-        abar = reflow.vp_alphas_cumprod_at(t, sched.alphas_cumprod)
+        abar = parametrization.vp_alphas_cumprod_at(t, sched.alphas_cumprod)
         a, s = (q.float() for q in _vp_pair(abar))
         d2 = torch.stack([((x_t - a * c) ** 2).flatten(1).sum(1) for c in centers], 1)
         w = torch.softmax(-d2 / (2 * s**2), dim=1)
@@ -324,7 +325,7 @@ def test_set_timesteps_places_steps_on_window_boundaries():
     """Every window boundary is a step point when N >= K; extra steps go to the noisiest windows."""
     sched = _sched(num_windows=4)
     wb = sched.window_sigmas
-    assert wb[0] == pytest.approx(reflow.vp_sigma_max(sched.alphas_cumprod)) and wb[-1] == 0
+    assert wb[0] == pytest.approx(parametrization.vp_sigma_max(sched.alphas_cumprod)) and wb[-1] == 0
     for n in (4, 6, 8, 9):
         sched.set_timesteps(n)
         assert len(sched.sigmas) == n + 1 and len(sched.timesteps) == n
@@ -333,7 +334,7 @@ def test_set_timesteps_places_steps_on_window_boundaries():
         for boundary in wb:
             assert (sched.sigmas - boundary).abs().min() < 1e-6
         # the timesteps are where the VP model must be queried: their flow time is the step's sigma
-        s_of_t = reflow.sigma_for_vp_timestep(sched.timesteps, sched.alphas_cumprod).float()
+        s_of_t = parametrization.sigma_for_vp_timestep(sched.timesteps, sched.alphas_cumprod).float()
         torch.testing.assert_close(s_of_t, sched.sigmas[:-1], atol=1e-5, rtol=0)
     sched.set_timesteps(6)  # 2 + 2 + 1 + 1 steps per window
     counts = torch.bincount(reflow.window_of(sched.sigmas[:-1], wb), minlength=4).tolist()
@@ -349,7 +350,7 @@ def test_add_noise_lands_on_the_flow_path():
     sched.set_timesteps(4)
     for i in range(4):
         x_t = sched.add_noise(x0, noise, sched.timesteps[i : i + 1].repeat(2))
-        z = reflow.vp_state_to_flow(x_t, sched.sigmas[i])
+        z = parametrization.vp_state_to_flow(x_t, sched.sigmas[i])
         torch.testing.assert_close(z, reflow.straight_interpolation(noise, x0, sched.sigmas[i]), atol=1e-5, rtol=1e-5)
     # integer timesteps use the training table exactly (as DDPM's add_noise)
     ac = sched.alphas_cumprod

@@ -10,12 +10,18 @@ import types
 import pytest
 import torch
 
-from stepdistill import couplings as C
-from stepdistill import lora_io, reflow
-from stepdistill.config import ConfigError, load_config
+from stepdistill.methods import reflow_couplings as RC
+from stepdistill.cli import reflow as cli_reflow
+from stepdistill.data import couplings as couplings_io
+from stepdistill import lora, reflow
+from stepdistill import parametrization
+from stepdistill.errors import ConfigError
+from stepdistill.training.config import load_config
 from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
-from stepdistill.reflow_objective import ReflowObjective, native_loss_weight, student_velocity
-from stepdistill.training import train
+from stepdistill.methods.reflow import ReflowObjective
+from stepdistill.models.denoiser import model_velocity as student_velocity
+from stepdistill.reflow import native_loss_weight
+from stepdistill.training.loop import train
 from test_couplings import PROMPTS, PointMassUNet, point_mass_pipe
 
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
@@ -29,7 +35,7 @@ def tiny_setup(tiny_random_pipe, tmp_path):
     """A saved tiny SD pipeline and K=2 couplings from it."""
     model = tmp_path / "tiny-sd"
     tiny_random_pipe.save_pretrained(model)
-    C.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=4, num_windows=2,
+    RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=4, num_windows=2,
                          guidance_scale=3.0, model_id=str(model), progress=False)
     return str(model), str(tmp_path / "couplings")
 
@@ -47,7 +53,7 @@ def test_reflow_training_writes_a_lora_with_its_card(tiny_setup, tmp_path):
     out = train(_config(model, couplings, tmp_path / "run", validation_prompts=["a red circle"],
                         validation_step_counts=[2]))
     file = out / "pytorch_lora_weights.safetensors"
-    sd, metadata, fmt = lora_io.read_lora(file)
+    sd, metadata, fmt = lora.read_lora(file)
     assert fmt == "kohya" and len(sd) > 50 and all(torch.isfinite(v).all() for v in sd.values())
     assert metadata["stepdistill.method"] == "reflow" and metadata["stepdistill.num_windows"] == "2"
     card = json.loads((out / "stepdistill_card.json").read_text())
@@ -67,7 +73,7 @@ def test_reflow_resume_is_exact(tiny_setup, tmp_path):
 
 def test_targets_are_the_piecewise_segments_and_windows_subsample(tiny_setup, tiny_random_pipe):
     model, couplings = tiny_setup
-    cs = C.load_couplings(couplings)
+    cs = couplings_io.load_couplings(couplings)
     obj = ReflowObjective(_config(model, couplings, "unused"), tiny_random_pipe, ACCEL)
     assert obj.stride == 1 and torch.allclose(obj.boundaries, reflow.window_boundaries(2, obj.sigma_max))
     idx, s, x_s, v = obj.targets(64, torch.Generator().manual_seed(0))
@@ -99,7 +105,7 @@ def test_straight_teacher_sign_round_trip(tiny_random_pipe, tmp_path, prediction
     the trained target from the noise lands on the data and (c) PiecewiseRectifiedFlowScheduler, stepping with
     the teacher's native output, lands on it in one step too."""
     pipe, c = point_mass_pipe(tiny_random_pipe, prediction_type)
-    C.generate_couplings(pipe, PROMPTS[:4], tmp_path, num_steps=2, num_windows=2, guidance_scale=4.0,
+    RC.generate_couplings(pipe, PROMPTS[:4], tmp_path, num_steps=2, num_windows=2, guidance_scale=4.0,
                          progress=False)
     cfg = load_config(None, method="reflow", couplings_dir=str(tmp_path), reflow_windows=windows)
     obj = ReflowObjective(cfg, pipe, ACCEL)
@@ -114,7 +120,7 @@ def test_straight_teacher_sign_round_trip(tiny_random_pipe, tmp_path, prediction
     assert float(reflow.reflow_loss(-v_student, v)) > scale  # the sign matters
     # (b) Euler with the target velocity across the sample's window lands on the window's end state, and the
     # couplings end on the teacher's data
-    cs = C.load_couplings(tmp_path)
+    cs = couplings_io.load_couplings(tmp_path)
     st, b = cs.boundary_states(idx), obj.boundaries
     k = reflow.window_of(s, b) if windows > 1 else torch.zeros(16, dtype=torch.long)
     ar = torch.arange(16)
@@ -122,7 +128,7 @@ def test_straight_teacher_sign_round_trip(tiny_random_pipe, tmp_path, prediction
     torch.testing.assert_close(end, st[ar, (k + 1) * obj.stride], atol=1e-4, rtol=0)
     torch.testing.assert_close(cs.tensor("data"), c.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
     # (c) the student scheduler, 1 step from the pipeline's initial latent (the stored noise)
-    sched = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, **obj.scheduler_kwargs())
+    sched = PiecewiseRectifiedFlowScheduler.from_config(pipe.scheduler.config, **obj.scheduler_spec()[2])
     with pytest.warns(UserWarning) if windows > 1 else contextlib.nullcontext():
         sched.set_timesteps(1)
     noise = cs.tensor("noise")
@@ -138,7 +144,7 @@ def test_native_weighting_equals_mse_in_output_space():
     s = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.93])
     abar = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
     for pt in ("epsilon", "v_prediction", "sample"):
-        dv = reflow.velocity_from_vp_output(out_a, x_t, abar, pt) - reflow.velocity_from_vp_output(out_b, x_t, abar, pt)
+        dv = parametrization.velocity_from_vp_output(out_a, x_t, abar, pt) - parametrization.velocity_from_vp_output(out_b, x_t, abar, pt)
         torch.testing.assert_close(native_loss_weight(s, pt) * (dv**2).sum(1), ((out_a - out_b) ** 2).sum(1),
                                    rtol=1e-4, atol=1e-6)
 
@@ -174,9 +180,9 @@ def test_flow_teacher_objective_and_scheduler_round_trip(tmp_path):
     pipe = types.SimpleNamespace(transformer=PointMassFlow(c), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                  device=torch.device("cpu"), vae_scale_factor=8, encode_prompt=encode_prompt,
                                  text_encoder_3=None, vae=None)
-    C.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=4, num_windows=2, solver="dpmpp",
+    RC.generate_couplings(pipe, PROMPTS[:3], tmp_path, num_steps=4, num_windows=2, solver="dpmpp",
                          guidance_scale=2.0, progress=False)
-    cs = C.load_couplings(tmp_path)
+    cs = couplings_io.load_couplings(tmp_path)
     torch.testing.assert_close(cs.tensor("data"), c.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
     obj = ReflowObjective(load_config(None, method="reflow", couplings_dir=str(tmp_path), reflow_windows=2), pipe,
                           ACCEL)
@@ -214,7 +220,7 @@ def test_sdxl_student_velocity_runs_with_micro_conditioning(tmp_path):
     from test_couplings import tiny_sdxl_pipe
 
     pipe = tiny_sdxl_pipe()
-    C.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=2, num_windows=1, guidance_scale=2.0, progress=False)
+    RC.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=2, num_windows=1, guidance_scale=2.0, progress=False)
     obj = ReflowObjective(load_config(None, method="reflow", couplings_dir=str(tmp_path)), pipe, ACCEL)
     loss, _ = obj.loss(pipe.unet, pipe.unet, 2, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and float(loss) > 0
@@ -225,7 +231,7 @@ def test_cli_reflow_train(tiny_setup, tmp_path):
 
     model, couplings = tiny_setup
     parser = argparse.ArgumentParser()
-    C.add_reflow_commands(parser.add_subparsers(dest="command"))
+    cli_reflow.add_reflow_commands(parser.add_subparsers(dest="command"))
     out = tmp_path / "cli"
     args = parser.parse_args(["reflow", "train", f"pretrained_model={model}", f"output_dir={out}", "max_train_steps=1",
                               "train_batch_size=2", "lora_rank=2", "report_to=none", "checkpointing_steps=0",
@@ -244,30 +250,30 @@ def test_one_step_distillation_stage_starts_from_the_reflow_lora(tiny_setup, tmp
     the stage refuses windows or a LoRA of another rank."""
     model, couplings = tiny_setup
     stage1 = train(_config(model, couplings, tmp_path / "stage1", reflow_windows=1, lora_alpha=8))
-    first = lora_io.read_lora_layers(stage1 / "pytorch_lora_weights.safetensors")
+    first = lora.read_lora_layers(stage1 / "pytorch_lora_weights.safetensors")
     same = train(_config(model, couplings, tmp_path / "copy", reflow_windows=1, init_lora=str(stage1),
                          learning_rate=0.0, max_train_steps=1, lr_warmup_steps=0))
-    copied = lora_io.read_lora_layers(same / "pytorch_lora_weights.safetensors")
+    copied = lora.read_lora_layers(same / "pytorch_lora_weights.safetensors")
     assert copied.keys() == first.keys()
     for name, (down, up, alpha) in first.items():
-        torch.testing.assert_close(lora_io.lora_delta(*copied[name]), lora_io.lora_delta(down, up, alpha),
-                                   atol=2e-3 * float(lora_io.lora_delta(down, up, alpha).abs().max()) + 1e-6,
+        torch.testing.assert_close(lora.lora_delta(*copied[name]), lora.lora_delta(down, up, alpha),
+                                   atol=2e-3 * float(lora.lora_delta(down, up, alpha).abs().max()) + 1e-6,
                                    rtol=0, msg=name)
     # the stage's couplings come from the reflowed student itself (CLI: --lora fuses it; guidance defaults to 1)
     from stepdistill.cli import main
 
     main(["reflow", "couple", "--model", model, "--lora", str(stage1), "--prompts", "toy:3", "--steps", "2",
           "--out", str(tmp_path / "c2"), "--device", "cpu"])
-    student_couplings = C.load_couplings(tmp_path / "c2")
+    student_couplings = couplings_io.load_couplings(tmp_path / "c2")
     assert student_couplings.manifest["guidance_scale"] == 1.0 and len(student_couplings) == 3
-    assert not torch.equal(student_couplings.tensor("data"), C.load_couplings(couplings).tensor("data")[:3])
+    assert not torch.equal(student_couplings.tensor("data"), couplings_io.load_couplings(couplings).tensor("data")[:3])
     stage2 = train(_config(model, str(tmp_path / "c2"), tmp_path / "stage2", reflow_windows=1,
                            init_lora=str(stage1), reflow_time_distribution="noise"))
-    second = lora_io.read_lora_layers(stage2 / "pytorch_lora_weights.safetensors")
+    second = lora.read_lora_layers(stage2 / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(second[n][1], first[n][1]) for n in first)  # it trained from there
     s = reflow.sample_flow_times(5, torch.Generator().manual_seed(0), "noise", sigma_max=0.99)
     assert torch.equal(s, torch.full((5,), 0.99))
     with pytest.raises(ConfigError, match="reflow_windows=1"):
         train(_config(model, couplings, tmp_path / "bad", reflow_windows=2, reflow_time_distribution="noise"))
-    with pytest.raises(lora_io.LoraFormatError, match="rank"):
+    with pytest.raises(lora.LoraFormatError, match="rank"):
         train(_config(model, couplings, tmp_path / "bad2", reflow_windows=1, lora_rank=2, init_lora=str(stage1)))

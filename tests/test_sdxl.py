@@ -38,10 +38,10 @@ def tiny_sdxl_dir(tmp_path):
 def test_lcd_on_sdxl_caches_pooled_and_time_ids_and_loads_in_stock_sdxl(tiny_sdxl_dir, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    from stepdistill import lora_io
-    from stepdistill.config import load_config
-    from stepdistill.precompute import load_cache
-    from stepdistill.training import train
+    from stepdistill import lora
+    from stepdistill.training.config import load_config
+    from stepdistill.data.cache import load_cache
+    from stepdistill.training.loop import train
 
     out = train(load_config(None, pretrained_model=tiny_sdxl_dir, output_dir=str(tmp_path / "out"),
                             train_data="toy:16", resolution=16, lora_rank=4, train_batch_size=2, max_train_steps=2,
@@ -52,11 +52,11 @@ def test_lcd_on_sdxl_caches_pooled_and_time_ids_and_loads_in_stock_sdxl(tiny_sdx
     assert cache.time_ids.shape == (16, 6) and cache.time_ids[0].tolist() == [16, 16, 0, 0, 16, 16]
 
     file = out / "pytorch_lora_weights.safetensors"
-    _, metadata, fmt = lora_io.read_lora(file)
+    _, metadata, fmt = lora.read_lora(file)
     assert fmt == "kohya" and metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     stock.load_lora_weights(str(out), adapter_name="lcm")
-    report = lora_io.verify_lora_loaded(stock, file, "lcm")
+    report = lora.verify_lora_loaded(stock, file, "lcm")
     assert report.loaded == report.expected > 10
     stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
     image = stock("a small red circle", num_inference_steps=2, guidance_scale=1.0, height=16, width=16,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill import lora_io, stacking, style
+from stepdistill import lora
+from stepdistill.experiments import stacking, style
 from stepdistill.toy import scenes as S
 
 
@@ -58,7 +59,7 @@ def test_outline_strength_separates_styled_from_unstyled_renders():
 def test_the_style_keeps_the_scene_readable():
     """The classifier that scores prompt accuracy still reads most styled scenes (hollow crosses/triangles
     are its hardest case), so accuracy stays a meaningful second axis."""
-    from stepdistill import metrics
+    from stepdistill.eval import metrics
 
     styled, scenes = style.sample_styled_scenes(300, 7, style="hollow")
     acc = metrics.prompt_accuracy(styled, [s.caption for s in scenes])
@@ -80,13 +81,13 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_train_style_lora_writes_a_loadable_style_adapter(tiny_dir, tmp_path):
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
 
     recipe = style.StyleRecipe(n_images=64, steps=6, batch_size=4, rank=4, learning_rate=1e-2)
     path = style.train_style_lora(tiny_dir, tmp_path / "style", recipe, log_every=0)
-    sd, md, fmt = lora_io.read_lora(path)
+    sd, md, fmt = lora.read_lora(path)
     assert fmt == "kohya" and md["stepdistill.method"] == "style" and md["stepdistill.style"] == "hollow"
-    layers = lora_io.read_lora_layers(path)
+    layers = lora.read_lora_layers(path)
     assert len(layers) == 115 and max(u.abs().max().item() for _, u, _ in layers.values()) > 0  # it trained
     pipe = load_pipeline(tiny_dir, device="cpu")
     info = stacking.load_stack(pipe, {"style": path})  # stock load + layer-by-layer check
@@ -101,17 +102,17 @@ def _unet_out(pipe):
 
 
 def test_stack_weights_zero_is_exactly_off_and_weights_add(tiny_dir, tmp_path):
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
 
     files = {}
     for i, name in enumerate(("accel", "style")):
         p = load_pipeline(tiny_dir, device="cpu")
-        lora_io.add_lora_to_unet(p.unet, 4)
+        lora.add_lora_to_unet(p.unet, 4)
         g = torch.Generator().manual_seed(10 + i)
         for m in p.unet.modules():
             if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):
                 m.lora_B["default"].weight.data.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * .05)
-        files[name] = lora_io.save_lora(tmp_path / name, p.unet, dtype=torch.float32)
+        files[name] = lora.save_lora(tmp_path / name, p.unet, dtype=torch.float32)
     base = _unet_out(load_pipeline(tiny_dir, device="cpu"))
     pipe = load_pipeline(tiny_dir, device="cpu")
     stacking.load_stack(pipe, files)
@@ -148,7 +149,7 @@ def test_recommend_maximises_the_weaker_retention():
 
 def _adapter(env: str, default: Path) -> Path | None:
     p = Path(os.environ.get(env, default))
-    p = p / lora_io.LORA_WEIGHT_NAME if p.is_dir() else p
+    p = p / lora.LORA_WEIGHT_NAME if p.is_dir() else p
     return p if p.is_file() else None
 
 
@@ -172,7 +173,7 @@ GUARD_PROMPTS = 32
 
 def test_style_lora_puts_the_style_on_the_teacher(toy_style_lora):
     """Guided DDIM with the style LoRA: hollow shapes, measurably, while the prompt is still followed."""
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
     from stepdistill.toy.world import evaluation_prompts
 
     pipe = load_pipeline("toy", device="cpu")
@@ -194,7 +195,7 @@ def test_accelerated_stack_keeps_the_style_with_a_margin(toy_style_lora):
     if accel is None:
         pytest.skip("needs an acceleration LoRA for the toy teacher (set STEPDISTILL_ACCEL_LORA or commit one to "
                     f"{stacking.TOY_ACCEL_LORA.parent})")
-    from stepdistill.sampling import load_pipeline
+    from stepdistill.models.pipeline import load_pipeline
     from stepdistill.toy.world import evaluation_prompts
 
     pipe = load_pipeline("toy", device="cpu")

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill import lora_io
-from stepdistill.config import ConfigError, load_config
-from stepdistill.data import DataError
-from stepdistill.training import TrainingInterrupted, list_checkpoints, train
+from stepdistill import lora
+from stepdistill.errors import ConfigError
+from stepdistill.training.config import load_config
+from stepdistill.errors import DataError
+from stepdistill.training.loop import TrainingInterrupted, list_checkpoints, train
 
 
 @pytest.fixture
@@ -57,20 +58,20 @@ def test_trained_lora_loads_in_stock_diffusers_layer_by_layer(tiny_model_dir, tm
     out = train(_config(tiny_model_dir, tmp_path / "rt", max_train_steps=2, checkpointing_steps=2))
     trained = load_file(str(out / "checkpoint-2" / "lora_state.safetensors"))  # fp32, as trained
     file = out / "pytorch_lora_weights.safetensors"
-    sd, metadata, fmt = lora_io.read_lora(file)
+    sd, metadata, fmt = lora.read_lora(file)
     assert fmt == "kohya" and all(k.startswith("lora_unet_") for k in sd)
     assert metadata["stepdistill.method"] == "lcd" and metadata["ss_network_dim"] == "4"
 
     stock = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     stock.load_lora_weights(str(out), adapter_name="accel")
-    report = lora_io.verify_lora_loaded(stock, file, "accel")
+    report = lora.verify_lora_loaded(stock, file, "accel")
     n_modules = len({k.rsplit(".lora_", 1)[0] for k in trained})
     assert report.loaded == report.expected == n_modules > 50
 
     # identical outputs: stock-loaded file vs the fp32 weights the training loop held
     from peft.utils import set_peft_model_state_dict
     reference = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    lora_io.add_lora_to_unet(reference.unet, rank=4, alpha=4)
+    lora.add_lora_to_unet(reference.unet, rank=4, alpha=4)
     set_peft_model_state_dict(reference.unet, trained)
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
     ctx = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(1))
@@ -88,7 +89,7 @@ def test_unknown_config_key_is_named_with_a_suggestion(tmp_path):
 
 
 def test_missing_captions_are_reported_with_the_fix(tmp_path):
-    from stepdistill.data import load_examples
+    from stepdistill.data.sources import load_examples
     from stepdistill.toy.scenes import write_image_folder
 
     write_image_folder(tmp_path, 3, seed=0)
@@ -99,7 +100,7 @@ def test_missing_captions_are_reported_with_the_fix(tmp_path):
 
 
 def test_unreadable_image_and_bad_resolution(tmp_path):
-    from stepdistill.data import check_resolution, load_examples
+    from stepdistill.data.sources import check_resolution, load_examples
 
     (tmp_path / "bad.png").write_bytes(b"not a png")
     (tmp_path / "bad.txt").write_text("a small red circle")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .scenes import ATTRIBUTES, sample_scenes
@@ -91,7 +92,6 @@ def train_classifier(steps: int = 1500, batch: int = 128, pool_size: int = 20000
 
 
 def load_classifier(path: str | Path = WEIGHTS) -> SceneClassifier:
-    from safetensors.torch import load_file
 
     if not Path(path).exists():
         raise FileNotFoundError(f"toy classifier weights not found at {path}; run "
@@ -102,7 +102,6 @@ def load_classifier(path: str | Path = WEIGHTS) -> SceneClassifier:
 
 
 def save_classifier(model: SceneClassifier, path: str | Path):
-    from safetensors.torch import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

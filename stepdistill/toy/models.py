@@ -9,6 +9,9 @@ conv_shortcut, time_emb_proj, down/upsamplers).
 """
 from __future__ import annotations
 
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
 RESOLUTION = 32
 LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
@@ -30,7 +33,6 @@ SD_SCHEDULER_CONFIG = dict(
 
 
 def build_vae(scaling_factor: float = 1.0):
-    from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
@@ -47,7 +49,6 @@ def build_vae(scaling_factor: float = 1.0):
 
 
 def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -66,7 +67,6 @@ def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pa
 
 
 def build_unet():
-    from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=RESOLUTION // 4,
@@ -83,6 +83,5 @@ def build_unet():
 
 
 def build_scheduler():
-    from diffusers import PNDMScheduler
 
     return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {  # shape colours, RGB in [0, 1]
@@ -154,7 +155,6 @@ def sample_scenes(n: int, seed: int, resolution: int = 32) -> tuple[np.ndarray, 
 def write_image_folder(directory: str | Path, n: int, seed: int, resolution: int = 32) -> Path:
     """Write ``n`` scenes as ``NNNNNN.png`` + ``NNNNNN.txt`` captions (the layout users give their own data),
     plus a ``metadata.jsonl`` with the same captions (the HF imagefolder layout)."""
-    from PIL import Image
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

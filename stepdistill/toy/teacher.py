@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from . import models
@@ -108,7 +110,6 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 512):
 
 def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe: TeacherRecipe, writer=None,
                         on_snapshot=None):
-    from diffusers import DDPMScheduler
 
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     tokenizer = build_toy_tokenizer()
@@ -164,7 +165,8 @@ def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe:
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet):
     """A stock ``StableDiffusionPipeline`` around the toy components (no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # heavy: the pipeline module pulls in transformers' image processors
+
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=models.build_scheduler(), safety_checker=None,
@@ -186,7 +188,6 @@ def train_teacher(out_dir: str | Path, recipe: TeacherRecipe = TeacherRecipe(), 
     torch.manual_seed(recipe.seed)
     writer = None
     if log_dir:
-        from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir)
     images_np, scenes = sample_scenes(recipe.pool_size, seed=recipe.seed + 1000)
     images = images_to_tensor(images_np)

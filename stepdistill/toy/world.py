@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from .scenes import all_scenes
+
 TOY_TEACHER_DIR = Path(__file__).parent / "weights" / "teacher"
+TOY_RECIPES_DIR = Path(__file__).parent / "recipes"  # the toy YAML recipes (configs/toy-*.yaml link here)
 # Sampler settings the toy teacher was evaluated with (measured in RESULTS: see README).
 TOY_GUIDANCE = 5.0
 TOY_TEACHER_STEPS = 50
@@ -17,12 +22,16 @@ def toy_teacher_path() -> str:
     return str(TOY_TEACHER_DIR)
 
 
+def toy_recipe(name: str) -> Path:
+    """The packaged toy recipe ``name`` (``lcm-lora``, ``reflow``, ``reflow-onestep``)."""
+    path = TOY_RECIPES_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no toy recipe {name!r}; available: {sorted(p.stem for p in TOY_RECIPES_DIR.glob('*.yaml'))}")
+    return path
+
+
 def evaluation_prompts(n: int, seed: int = 0) -> list[str]:
     """A fixed, seeded set of ``n`` toy prompts (distinct while n <= 720), for evaluation."""
-    import numpy as np
-
-    from .scenes import all_scenes
-
     scenes = all_scenes()
     order = np.random.default_rng(seed).permutation(len(scenes))
     return [scenes[order[i % len(scenes)]].caption for i in range(n)]

@@ -1,0 +1,139 @@
+"""Training data sources: image folders with .txt captions, HF imagefolders (metadata.jsonl), datasets saved
+with ``datasets.save_to_disk``, WebDataset shards, and the procedural toy world (``toy:N``).
+
+Every source becomes a list of ``Example(load_image, caption, name)``; images are loaded lazily and
+resized/centre-cropped to the training resolution by ``preprocess``. Problems are reported with the
+file and the fix.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from ..toy.scenes import sample_scenes
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Example:
+    load_image: Callable[[], "Image.Image"]  # noqa: F821
+    caption: str
+    name: str
+
+
+def _open_image(path: Path):
+    def load():
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from e
+    return load
+
+
+def toy_examples(n: int, seed: int = 0, resolution: int = 32) -> list[Example]:
+    images, scenes = sample_scenes(n, seed=seed, resolution=resolution)
+    return [Example((lambda im=im: Image.fromarray(im)), s.caption, f"toy-{seed}-{i}")
+            for i, (im, s) in enumerate(zip(images, scenes))]
+
+
+def image_folder_examples(directory: Path, caption_column: str = "text") -> list[Example]:
+    meta = directory / "metadata.jsonl"
+    if meta.exists():
+        examples = []
+        for line_no, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "file_name" not in row or caption_column not in row:
+                raise DataError(f"{meta}:{line_no} needs 'file_name' and '{caption_column}' fields "
+                                f"(set caption_column to the field holding captions); got {sorted(row)}")
+            examples.append(Example(_open_image(directory / row["file_name"]), str(row[caption_column]),
+                                    row["file_name"]))
+        return examples
+    images = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {directory}")
+    missing = [p for p in images if not p.with_suffix(".txt").exists()]
+    if missing:
+        shown = ", ".join(str(p.name) for p in missing[:5])
+        raise DataError(f"{len(missing)} of {len(images)} images in {directory} have no caption file "
+                        f"(e.g. {shown}): write a .txt with the same name beside each image, or a "
+                        f"metadata.jsonl with file_name/{caption_column} fields")
+    return [Example(_open_image(p), p.with_suffix(".txt").read_text().strip(), str(p.relative_to(directory)))
+            for p in images]
+
+
+def hf_dataset_examples(directory: Path, caption_column: str, image_column: str) -> list[Example]:
+    try:
+        import datasets  # optional: only for `save_to_disk` sources
+    except ImportError as e:
+        raise DataError(f"{directory} looks like a `datasets.save_to_disk` directory; pip install datasets") from e
+    ds = datasets.load_from_disk(str(directory))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    for col in (caption_column, image_column):
+        if col not in ds.column_names:
+            raise DataError(f"dataset at {directory} has no column {col!r}; columns: {ds.column_names} "
+                            "(set caption_column / image_column)")
+    return [Example((lambda i=i: ds[i][image_column].convert("RGB")), str(ds[i][caption_column]), f"row-{i}")
+            for i in range(len(ds))]
+
+
+def webdataset_examples(pattern: str, caption_column: str = "txt") -> list[Example]:
+    try:
+        import webdataset as wds  # optional: only for WebDataset sources
+    except ImportError as e:
+        raise DataError(f"{pattern} are WebDataset shards; pip install webdataset") from e
+    examples = []
+    for sample in wds.WebDataset(pattern, shardshuffle=False):
+        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+        if key is None or caption_column not in sample:
+            raise DataError(f"WebDataset sample {sample.get('__key__')} needs an image and a '{caption_column}' entry")
+        data, caption = sample[key], sample[caption_column]
+        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+        examples.append(Example((lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, sample["__key__"]))
+    return examples
+
+
+def load_examples(source: str, caption_column: str = "text", image_column: str = "image") -> list[Example]:
+    """``source``: ``toy:N`` or ``toy:N:SEED``, a directory (image folder, imagefolder with metadata.jsonl, or
+    a ``save_to_disk`` dataset), or WebDataset shards (``path/{00000..00009}.tar`` or a single ``.tar``)."""
+    if source.startswith("toy:"):
+        parts = source.split(":")
+        return toy_examples(int(parts[1]), seed=int(parts[2]) if len(parts) > 2 else 0)
+    if source.endswith(".tar") or "{" in source:
+        return webdataset_examples(source)
+    path = Path(source)
+    if not path.is_dir():
+        raise DataError(f"training data {source!r} is neither 'toy:N', a directory, nor WebDataset .tar shards")
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return hf_dataset_examples(path, caption_column, image_column)
+    return image_folder_examples(path, caption_column)
+
+
+def check_resolution(resolution: int, multiple: int):
+    if resolution <= 0 or resolution % multiple:
+        lower, upper = max(multiple, resolution // multiple * multiple), (resolution // multiple + 1) * multiple
+        raise DataError(f"resolution {resolution} must be a positive multiple of {multiple} for this model "
+                        f"(VAE downsampling x UNet levels); use {lower} or {upper}")
+
+
+def preprocess(image, resolution: int) -> np.ndarray:
+    """Resize the shorter side to ``resolution`` and centre-crop: float32 (3, R, R) in [-1, 1]."""
+    w, h = image.size
+    s = resolution / min(w, h)
+    if s != 1:
+        image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5) - 1.0

@@ -1,0 +1,247 @@
+"""The training loop: one loop for both methods (LCD and reflow), on accelerate.
+
+A step draws a batch from the precomputed cache (no VAE encoder or text encoder in the loop), asks
+the method's objective for a loss, and updates only the LoRA parameters. The teacher is the same
+UNet with its adapter disabled (peft), so a LoRA run holds one copy of the base model. The LoRA sits on
+the pipeline's denoiser: its ``unet`` (SD 1.x/2.x/SDXL; LCD or reflow) or, for flow-matching pipelines
+(SD3, FLUX.1; reflow only), its ``transformer`` -- the loop is the same, only the targets, the objective's
+model call and the output layout differ (see :func:`save_trained_lora`). All of a
+step's randomness comes from a generator seeded by (seed, step, micro-step, process), so a resumed
+run replays exactly the batches, noise and timesteps an uninterrupted one would have used.
+Checkpoints (LoRA weights, optimizer, LR scheduler, RNG states) are written to a temporary directory
+and renamed into place, so a crash never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import lora
+from ..methods import build_objective
+from ..models.family import LCM_LORA_TARGET_MODULES, default_target_modules, denoiser_of, family_of
+from ..models.pipeline import load_pipeline
+from .config import TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``interrupt_after`` test hook to simulate a crash."""
+
+
+def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 17 + process)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    done = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(config.output_dir)
+        return found[-1] if found else None
+    path = Path(config.resume_from_checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = Path(config.output_dir) / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {config.resume_from_checkpoint} not found (looked at {path}); "
+                                f"available: {[p.name for p in list_checkpoints(config.output_dir)]}")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.save_state(str(tmp))
+    (tmp / "stepdistill_step.json").write_text(json.dumps({"global_step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def lora_target_modules(config: TrainConfig, model) -> list[str]:
+    """``config.lora_target_modules``; its default (LCM-LoRA's UNet list) means the model's own default
+    (:func:`stepdistill.models.family.default_target_modules`: the SD3 / FLUX lists for those transformers)."""
+    targets = list(config.lora_target_modules)
+    return default_target_modules(model) if targets == LCM_LORA_TARGET_MODULES else targets
+
+
+def setup_adapter_and_optimizer(config: TrainConfig, denoiser, accelerator):
+    """The trainable side of :func:`train`: a LoRA on the frozen ``denoiser`` (optionally started from
+    ``config.init_lora``), LoRA parameters kept in fp32 under fp16/bf16, gradient checkpointing, AdamW (8-bit with
+    bitsandbytes) and the LR schedule. Returns ``(params, optimizer, lr_scheduler)``; ``bench/bench_training.py``
+    builds its timed step with it too."""
+    denoiser.requires_grad_(False)
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+    lora.add_lora_to_unet(denoiser, rank=config.lora_rank, alpha=alpha,
+                             target_modules=lora_target_modules(config, denoiser))
+    if config.init_lora:  # continue from an earlier adapter (e.g. InstaFlow's 2nd stage from the reflow LoRA)
+        n = lora.init_adapter_from_file(denoiser, config.init_lora)
+        accelerator.print(f"adapter initialised from {config.init_lora} ({n} layers)")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    if weight_dtype != torch.float32:
+        denoiser.to(weight_dtype)
+        cast_training_params(denoiser, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb  # optional: 8-bit AdamW only
+        except ImportError as e:
+            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_train_steps * accelerator.num_processes)
+    return params, optimizer, lr_scheduler
+
+
+def training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config: TrainConfig, gen):
+    """One micro-batch of :func:`train`'s loop: the objective's loss, backward, and (at the end of an accumulation
+    cycle) clipping, optimizer and LR-schedule steps. Returns ``(loss, logs)``."""
+    with accelerator.accumulate(wrapped):
+        loss, logs = objective.loss(wrapped, accelerator.unwrap_model(wrapped), config.train_batch_size, gen)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logs
+
+
+def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
+    """Run the distillation described by ``config``; returns the directory holding the LoRA."""
+    output_dir = Path(config.output_dir)
+    log_with = config.report_to if config.report_to not in (None, "none") else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
+
+    set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
+    pipe = load_pipeline(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
+    denoiser = denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
+    family = family_of(pipe)
+    objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
+    params, optimizer, lr_scheduler = setup_adapter_and_optimizer(config, denoiser, accelerator)
+    wrapped, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+
+    def save_hook(models, weights, path):
+        if accelerator.is_main_process:
+            sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped))
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()},
+                      os.path.join(path, "lora_state.safetensors"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, path):
+        set_peft_model_state_dict(accelerator.unwrap_model(wrapped),
+                                  load_file(os.path.join(path, "lora_state.safetensors")))
+        while models:
+            models.pop()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    global_step = 0
+    resume = resolve_resume(config)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = int(json.loads((resume / "stepdistill_step.json").read_text())["global_step"])
+        accelerator.print(f"resumed from {resume} at step {global_step}")
+    if log_with:
+        accelerator.init_trackers("stepdistill", config={k: str(v) for k, v in config.__dict__.items()})
+
+    bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
+               disable=not accelerator.is_local_main_process)
+    wrapped.train()
+    while global_step < config.max_train_steps:
+        for micro in range(config.gradient_accumulation_steps):
+            gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
+            loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
+        global_step += 1
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4g}")
+        if log_with:
+            accelerator.log(logs, step=global_step)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            if accelerator.is_main_process:
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+        if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
+                and global_step % config.validation_steps == 0):
+            objective.validate(pipe, accelerator, global_step)
+        if interrupt_after is not None and global_step >= interrupt_after:
+            raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(wrapped)
+        metadata = objective.card(config)
+        header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
+        tag = family.base_model_tag(raw)
+        lora.save_trained_adapter(output_dir, raw, tag, header, metadata["title"])
+        if config.save_diffusers_format:
+            lora.save_trained_adapter(output_dir / "diffusers", raw, tag, header, metadata["title"], format="diffusers")
+        (output_dir / "stepdistill_card.json").write_text(json.dumps(metadata, indent=1))
+        layout = "transformer.* layout" if family.is_flow else "kohya layout"
+        (output_dir / "README.md").write_text(model_card_markdown(metadata, layout))
+        if config.validation_prompts:
+            objective.validate(pipe, accelerator, global_step)
+    accelerator.end_training()
+    return output_dir
+
+
+def model_card_markdown(card: dict, layout: str = "kohya layout") -> str:
+    lines = [f"# {card.get('title', 'stepdistill adapter')}", "",
+             f"A {card['method_name']} LoRA for `{card['base_model']}`, trained with stepdistill.", "",
+             "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in card.items() if k not in ("title",)]
+    module = card.get("scheduler_module", "diffusers")
+    kwargs = "".join(f", {k}={v!r}" for k, v in (card.get("scheduler_kwargs") or {}).items())
+    lines += ["", "```python", "from diffusers import DiffusionPipeline",
+              f"from {module} import {card['scheduler']}",
+              f"pipe = DiffusionPipeline.from_pretrained({card['base_model']!r})",
+              f"pipe.load_lora_weights('.')  # pytorch_lora_weights.safetensors ({layout})",
+              f"pipe.scheduler = {card['scheduler']}.from_config(pipe.scheduler.config{kwargs})",
+              f"image = pipe(prompt, num_inference_steps={card['recommended_steps']}, "
+              f"guidance_scale={card['recommended_guidance']}).images[0]", "```", ""]
+    return "\n".join(lines)
