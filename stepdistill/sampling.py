@@ -135,12 +135,12 @@ def lora_metadata(loras: list[tuple[str, float]]) -> list[dict[str, str]]:
 
 def sampler_from_lora(metadatas: list[dict[str, str]]) -> tuple[str | None, int | None]:
     """``(sampler, num_windows)`` the adapters were trained for, from their headers (written from the method's
-    model card): ``"lcm"`` for LCD adapters, ``"perflow"`` (with the header's window count) for reflow ones,
-    ``(None, None)`` when the headers do not tell (foreign LoRAs, or LoRAs of different methods)."""
-    kinds = {m.get("stepdistill.method", "") for m in metadatas} - {""}
-    if kinds == {"lcd"}:
+    model card): ``"lcm"`` when an LCD adapter is among them, else ``"perflow"`` (with the header's window count)
+    for reflow ones, ``(None, None)`` when no header tells (foreign LoRAs such as style adapters)."""
+    kinds = {m.get("stepdistill.method", "") for m in metadatas}
+    if "lcd" in kinds:
         return "lcm", None
-    if kinds == {"reflow"}:
+    if "reflow" in kinds:
         windows = [int(m["stepdistill.num_windows"]) for m in metadatas if m.get("stepdistill.num_windows")]
         return "perflow", windows[0] if windows else None
     return None, None

@@ -121,7 +121,7 @@ def resolve_method(spec: MethodSpec, teacher_steps, student_steps, teacher_guida
     lora_sampler, lora_windows = sampler_from_lora(meta)
     sampler = spec.sampler
     if sampler is None:
-        sampler = "ddim" if spec.is_teacher else lora_sampler
+        sampler = "ddim" if spec.is_teacher else (lora_sampler if len(kinds) == 1 else None)
         if sampler is None:
             raise SpecError(f"method {spec.name!r}: cannot tell the sampler from the LoRA metadata "
                             f"(stepdistill.method = {sorted(kinds) or 'absent'}); add ':lcm', ':tcd' or ':perflow'")
