@@ -91,6 +91,18 @@ def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, col_
     return grid
 
 
+def load_lora_adapter(pipe, path: str | Path, adapter_name: str, verify: bool = True) -> tuple[dict[str, str], str]:
+    """Load one LoRA file (or the weights file in a directory) as ``adapter_name`` with stock
+    ``pipe.load_lora_weights``; with ``verify``, check layer by layer that it arrived intact (a dropped layer
+    raises). Returns the file's ``(metadata, format)``."""
+    file = lora_file(path)
+    _, metadata, fmt = lora.read_lora(file)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+    if verify:
+        lora.verify_lora_loaded(pipe, file, adapter_name)
+    return metadata, fmt
+
+
 def load_loras_into_pipeline(pipe, loras: list[tuple[str, float]], fuse: bool = False,
                              verify: bool = True) -> list[str]:
     """Load LoRA files (kohya or diffusers layout) as named adapters and activate them with their weights
@@ -100,12 +112,9 @@ def load_loras_into_pipeline(pipe, loras: list[tuple[str, float]], fuse: bool = 
     names, weights, methods = [], [], []
     for i, (path, weight) in enumerate(loras):
         file = lora_file(path)
-        _, metadata, _ = lora.read_lora(file)
         name = f"lora{i}_{file.parent.name if file.name == lora.LORA_WEIGHT_NAME else file.stem}"
         name = "".join(ch if ch.isalnum() else "_" for ch in name)
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        if verify:
-            lora.verify_lora_loaded(pipe, file, name)
+        metadata, _ = load_lora_adapter(pipe, file, name, verify)
         names.append(name)
         weights.append(weight)
         methods.append(metadata.get("stepdistill.method", ""))

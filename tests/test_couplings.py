@@ -16,7 +16,6 @@ from stepdistill.models import denoiser
 from stepdistill import errors
 from stepdistill import ode
 from stepdistill.data import prompts as prompts_io
-from stepdistill import reflow
 from stepdistill import parametrization
 from stepdistill.flow_scheduler import PiecewiseRectifiedFlowScheduler
 

@@ -13,13 +13,10 @@ def cmd_sample(args):
     pipe = load_pipeline(args.model, device=args.device)
     loras = [parse_lora_spec(s) for s in args.lora]
     sampler, windows = sampler_from_lora(lora_metadata(loras)) if loras else (None, None)
-    guidance = args.guidance
     if loras:
-        methods = load_loras_into_pipeline(pipe, loras, fuse=args.fuse)
-        if guidance is None and methods:
-            guidance = 1.0
+        load_loras_into_pipeline(pipe, loras, fuse=args.fuse)
     scheduler = args.scheduler or sampler or "ddim"
-    guidance = TOY_GUIDANCE if guidance is None else guidance
+    guidance = args.guidance if args.guidance is not None else (1.0 if loras else TOY_GUIDANCE)
     apply_sampler(pipe, scheduler, args.steps, windows)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     images, sec = generate(pipe, prompts, steps=args.steps, guidance=guidance, seed=args.seed)

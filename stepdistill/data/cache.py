@@ -93,6 +93,7 @@ def precompute(pipe, examples: list[Example], resolution: int, cache_dir: str | 
     emb = encode_prompts(pipe, captions + [""])
     atomic_save_file(emb, cache_dir / "embeddings.safetensors")
     vae = pipe.vae
+    is_sdxl = family_of(pipe).name == "sdxl"
     shards = []
     for s in range(0, len(examples), shard_size):
         part = examples[s:s + shard_size]
@@ -104,7 +105,7 @@ def precompute(pipe, examples: list[Example], resolution: int, cache_dir: str | 
             stds.append(post.std.float().cpu())
         tensors = {"mean": torch.cat(means), "std": torch.cat(stds),
                    "caption_index": torch.tensor([caption_to_row[ex.caption] for ex in part])}
-        if family_of(pipe).name == "sdxl":  # original size, crop top-left, target size (square, uncropped)
+        if is_sdxl:  # original size, crop top-left, target size (square, uncropped)
             tensors["time_ids"] = sdxl_time_ids(resolution, resolution).expand(len(part), -1).clone()
         name = f"latents-{len(shards):05d}.safetensors"
         atomic_save_file(tensors, cache_dir / name)

@@ -11,8 +11,6 @@ import json
 import time
 from pathlib import Path
 
-from diffusers import LCMScheduler
-
 from ..atomic import atomic_write_text
 from ..eval import metrics
 from ..models.pipeline import load_pipeline
@@ -50,7 +48,7 @@ def evaluate_student(pipe, prompts, scheduler_setter, guidance=1.0, step_counts=
 
 
 def lcd_scheduler(pipe):
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    set_scheduler(pipe, "lcm")
 
 
 def format_report(report: dict) -> str:

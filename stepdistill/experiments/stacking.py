@@ -34,7 +34,7 @@ from .. import lora
 from ..eval import metrics
 from ..models.pipeline import load_pipeline
 from ..models.pipeline import load_component
-from ..sampling import generate, image_grid, set_scheduler
+from ..sampling import generate, image_grid, load_lora_adapter, lora_file, set_scheduler
 from ..toy.scenes import SIZES
 from ..toy.world import TOY_GUIDANCE, TOY_TEACHER_DIR, evaluation_prompts
 from .style import (denoising_finetune, encode_scene_pool, reference_strengths, sample_styled_scenes,
@@ -60,17 +60,11 @@ class Cell:
 
 def load_stack(pipe, adapters: dict[str, str | Path], verify: bool = True) -> dict[str, dict]:
     """Load each LoRA file as adapter ``name`` with stock ``load_lora_weights``; check every layer arrived."""
-
     info = {}
     for name, path in adapters.items():
-        file = lora.resolve_lora_file(path) if Path(path).is_dir() else Path(path)
-        if not file.exists():
-            raise FileNotFoundError(f"LoRA file {file} not found")
-        _, md, fmt = lora.read_lora(file)
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        if verify:
-            lora.verify_lora_loaded(pipe, file, name)
-        info[name] = {"file": str(file), "format": fmt, "method": md.get("stepdistill.method", md.get("method", ""))}
+        md, fmt = load_lora_adapter(pipe, path, name, verify)
+        info[name] = {"file": str(lora_file(path)), "format": fmt,
+                      "method": md.get("stepdistill.method", md.get("method", ""))}
     return info
 
 
@@ -123,7 +117,6 @@ def stack_sweep(base: str, style_lora: str, accel_lora: str, out_dir: str | Path
                 accel_weights=ACCEL_WEIGHTS, style_weights=STYLE_WEIGHTS, steps: int = 4, ref_steps: int = 50,
                 guidance: float | None = None, seed: int = 0, grid_prompts: int = 10, device: str = "cpu",
                 vae_reference: bool = True) -> dict:
-
     guidance = TOY_GUIDANCE if guidance is None else guidance
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +215,6 @@ def finetune_base(base: str, out_dir: str | Path, recipe: FinetuneRecipe = Finet
                   log_every: int = 50) -> Path:
     """Full-UNet fine-tune of ``base`` on a shifted subset (epsilon objective, text encoder and VAE frozen);
     saves a pipeline directory (same family, new weights) and returns it."""
-
     if recipe.shift not in SHIFTS:
         raise ValueError(f"unknown shift {recipe.shift!r}; one of {sorted(SHIFTS)}")
     t0 = time.perf_counter()
@@ -250,7 +242,6 @@ def finetune_base(base: str, out_dir: str | Path, recipe: FinetuneRecipe = Finet
 
 def relative_weight_change(base: str, finetuned: str) -> float:
     """``||W_ft - W_base|| / ||W_base||`` over all UNet weights: how far the fine-tune moved."""
-
     a, b = load_component(base).state_dict(), load_component(finetuned).state_dict()
     num = sum((b[k].float() - v.float()).pow(2).sum() for k, v in a.items())
     den = sum(v.float().pow(2).sum() for v in a.values())
@@ -258,7 +249,6 @@ def relative_weight_change(base: str, finetuned: str) -> float:
 
 
 def _size_share(images, size: str = "large") -> float:
-
     pred = metrics.classify(images)["size"]
     return float(np.mean(pred == list(SIZES).index(size)))
 
@@ -267,7 +257,6 @@ def transfer_eval(base: str, finetuned: str, accel_lora: str, out_dir: str | Pat
                   steps: int = 4, ref_steps: int = 50, guidance: float | None = None, seed: int = 0,
                   grid_prompts: int = 10, device: str = "cpu") -> dict:
     """4-step quality of fine-tune + unchanged acceleration LoRA vs. the fine-tune's own DDIM 4 and DDIM 50."""
-
     guidance = TOY_GUIDANCE if guidance is None else guidance
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,6 @@ def ink_for_background(bg) -> np.ndarray:
 def render_styled(scene, resolution: int = 32, rng: np.random.Generator | None = None, supersample: int = 4,
                   style: str = DEFAULT_STYLE) -> np.ndarray:
     """``scenes.render`` with a style applied; ``style="none"`` reproduces ``scenes.render`` exactly."""
-
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; one of {STYLES}")
     n = resolution * supersample
@@ -138,7 +137,6 @@ def sample_styled_scenes(n: int, seed: int, resolution: int = 32, style: str = D
                          where=None) -> tuple[np.ndarray, list]:
     """Like ``scenes.sample_scenes`` (same scenes and jitter for the same seed), rendered in ``style``.
     ``where(scene) -> bool`` keeps only matching scenes (drawing until ``n`` are found)."""
-
     rng = np.random.default_rng(seed)
     if where is None:
         scenes = [S.random_scene(rng) for _ in range(n)]
@@ -215,7 +213,6 @@ def style_strength(images, style: str = DEFAULT_STYLE) -> float:
 def reference_strengths(n: int = 500, seed: int = 4242, vae=None, style: str = DEFAULT_STYLE) -> dict:
     """``style``'s strength on real renders, unstyled and styled, and (with ``vae``) after a VAE encode/decode
     -- the ceiling a latent model can reach through that VAE; plus the toy prompt accuracy of each."""
-
     plain, scenes = sample_styled_scenes(n, seed, style="none")
     styled, _ = sample_styled_scenes(n, seed, style=style)
     prompts = [s.caption for s in scenes]
@@ -230,7 +227,6 @@ def reference_strengths(n: int = 500, seed: int = 4242, vae=None, style: str = D
 
 
 def vae_roundtrip(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
-
     outs = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
@@ -265,7 +261,6 @@ def _lr_lambda(warmup: int):
 def encode_scene_pool(pipe, images, scenes, device) -> dict:
     """The VAE posterior (mean, std) of each image and the text-encoder context of each distinct caption plus the
     empty prompt (last row), once, for :func:`denoising_finetune`."""
-
     with torch.no_grad():
         lat_mean, lat_std = encode_pool(pipe.vae, images_to_tensor(images).to(device))
         captions = sorted({s.caption for s in scenes})
@@ -285,7 +280,6 @@ def denoising_finetune(pipe, pool: dict, params, *, steps: int, batch_size: int,
     "simple" loss on epsilon, or on v for v-prediction bases), latents drawn from the pool's VAE posteriors,
     ``caption_dropout`` of the captions replaced by the empty prompt so guidance keeps working. AdamW (wd 0.01),
     linear warm-up over ``warmup`` steps, grad-norm clip 1. All randomness from ``gen``. Returns the losses."""
-
     lat_mean, lat_std, context = pool["lat_mean"], pool["lat_std"], pool["context"]
     scaling = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -324,7 +318,6 @@ def denoising_finetune(pipe, pool: dict, params, *, steps: int, batch_size: int,
 def train_style_lora(base: str, out_dir: str | Path, recipe: StyleRecipe = StyleRecipe(),
                      device: str = "cpu", log_every: int = 50) -> Path:
     """Fine-tune a LoRA on ``base``'s UNet on ``recipe.style`` renders (epsilon objective); returns the file."""
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(recipe.seed)

@@ -40,9 +40,6 @@ class CachedBatches:
             self.cache = precompute(pipe, examples, self.resolution, config.resolved_cache_dir,
                                     model_id=config.pretrained_model)
 
-    def __len__(self) -> int:
-        return len(self.cache)
-
     def batch(self, batch_size: int, gen: torch.Generator):
         """``(latents, cond, uncond)`` for ``batch_size`` examples drawn with ``gen``, on the device."""
         idx = torch.randint(0, len(self.cache), (batch_size,), generator=gen)
@@ -70,14 +67,18 @@ def concat_cond(a: dict, b: dict) -> dict:
 
 
 @torch.no_grad()
-def validate_with_pipeline(objective, pipe, accelerator, step: int):
-    """Sample the validation prompts at each validation step count with the student's scheduler and guidance."""
+def validate_with_pipeline(objective, pipe, accelerator, step: int, sample=None):
+    """Sample the validation prompts at each validation step count with the student's scheduler (restored
+    afterwards) and guidance, and write the grid. ``sample(prompts, steps) -> uint8 images`` replaces the default
+    :func:`stepdistill.sampling.generate` call (seed 0) where a family needs its own latents."""
     config = objective.config
+    if sample is None:
+        def sample(prompts, steps):
+            return generate(pipe, prompts, steps=steps, guidance=objective.student_guidance, seed=0)[0]
     previous = pipe.scheduler
     objective.set_student_scheduler(pipe)
     try:
-        rows = [generate(pipe, config.validation_prompts, steps=n, guidance=objective.student_guidance, seed=0)[0]
-                for n in config.validation_step_counts]
+        rows = [sample(config.validation_prompts, n) for n in config.validation_step_counts]
     finally:
         pipe.scheduler = previous
     return write_validation_grid(rows, config, step, accelerator)

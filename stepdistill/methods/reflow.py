@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..models.denoiser import TeacherFlow, model_velocity
 from ..models.flux import pack_flux_latents
 from ..models.latents import seeded_noise
-from .base import common_card, validate_with_pipeline, write_validation_grid
+from .base import common_card, validate_with_pipeline
 
 LOSS_WEIGHTINGS = ("velocity", "native")
 
@@ -159,23 +159,21 @@ class ReflowObjective:
 
     @torch.no_grad()
     def validate(self, pipe, accelerator, step: int):
-        """The base class's validation grid; FLUX pipelines get packed latents from the couplings' noise
-        convention (``sampling.generate`` draws SD-shaped latents)."""
+        """The shared validation grid; FLUX pipelines get packed latents from the couplings' noise convention
+        (``sampling.generate`` draws SD-shaped latents)."""
         if self.flow_family != "flux":
             return validate_with_pipeline(self, pipe, accelerator, step)
         prompts = list(self.config.validation_prompts)
         shape = tuple(self.couplings.manifest["latent_shape"])
         latents = pack_flux_latents(seeded_noise(range(len(prompts)), 0, shape))
         latents = latents.to(pipe.device, pipe.transformer.dtype)
-        previous = pipe.scheduler
-        self.set_student_scheduler(pipe)
-        try:
-            rows = [(pipe(prompts, latents=latents, num_inference_steps=n, guidance_scale=self.student_guidance,
-                          height=self.resolution, width=self.resolution, output_type="np").images.clip(0, 1) * 255
-                     ).round().astype("uint8") for n in self.config.validation_step_counts]
-        finally:
-            pipe.scheduler = previous
-        write_validation_grid(rows, self.config, step, accelerator)
+
+        def sample(prompts, steps):
+            images = pipe(prompts, latents=latents, num_inference_steps=steps, guidance_scale=self.student_guidance,
+                          height=self.resolution, width=self.resolution, output_type="np").images
+            return (images.clip(0, 1) * 255).round().astype("uint8")
+
+        return validate_with_pipeline(self, pipe, accelerator, step, sample)
 
     def card(self, config) -> dict:
         m = self.couplings.manifest

@@ -58,6 +58,23 @@ def solve_teacher_ode(teacher: TeacherFlow, noise: torch.Tensor, grid: torch.Ten
                           vp=teacher.kind == "vp")
 
 
+def solve_batch(teacher: TeacherFlow, emb: dict, prompt_rows: torch.Tensor, ids: list[int], seed: int, grid, solver: str,
+                guidance: float, record: list[int] | None = None):
+    """Couplings ``ids`` from their seeded noise (``seed + i``), conditioned on the embedding rows ``prompt_rows``
+    (the last row of ``emb`` is the unconditional one): ``(noise, z_data, states, seconds)``, the time spent in the
+    solve alone (synchronised on CUDA)."""
+    device, dtype, time_ids = teacher.device, teacher.dtype, teacher.time_ids(teacher.shape)
+    noise = seeded_noise(ids, seed, teacher.shape)
+    cond = cond_rows(emb, prompt_rows, device, dtype, time_ids)
+    uncond_rows = torch.full((len(ids),), len(emb["prompt_embeds"]) - 1)
+    uncond = None if guidance == 1.0 or not teacher.uses_cfg else cond_rows(emb, uncond_rows, device, dtype, time_ids)
+    t0 = time.perf_counter()
+    z_data, states = solve_teacher_ode(teacher, noise, grid, solver, cond, uncond, guidance, record)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return noise, z_data, states, time.perf_counter() - t0
+
+
 @dataclass
 class CouplingRunResult:
     out_dir: Path
@@ -140,27 +157,18 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
     todo, skipped = plan_shards(out_dir, manifest, names, n_total, shard_size, fingerprint)
 
     store = STORAGE_DTYPES[storage_dtype]
-    uncond_row = torch.tensor([len(table)])
     bar = tqdm(total=n_total, initial=n_total - sum(min(shard_size, n_total - j * shard_size) for j in todo),
                unit="coupling", desc="teacher couplings", disable=not progress)
     written, generated, elapsed = [], 0, 0.0
-    device = teacher.device
     try:
         for j in todo:
             lo, hi = j * shard_size, min((j + 1) * shard_size, n_total)
             parts = {"noise": [], "data": [], "boundary_states": []}
             for b0 in range(lo, hi, batch_size):
                 ids = list(range(b0, min(b0 + batch_size, hi)))
-                t0 = time.perf_counter()
-                noise = seeded_noise(ids, seed, shape)
-                rows = prompt_index[ids]
-                cond = cond_rows(emb, rows, device, teacher.dtype, time_ids)
-                uncond = None if guidance_scale == 1.0 or not teacher.uses_cfg else cond_rows(
-                    emb, uncond_row.expand(len(ids)), device, teacher.dtype, time_ids)
-                z_data, states = solve_teacher_ode(teacher, noise, grid, solver, cond, uncond, guidance_scale, bidx)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed += time.perf_counter() - t0
+                noise, z_data, states, sec = solve_batch(teacher, emb, prompt_index[ids], ids, seed, grid, solver,
+                                                         guidance_scale, bidx)
+                elapsed += sec
                 generated += len(ids)
                 parts["noise"].append(noise)
                 parts["data"].append(z_data.cpu())
@@ -202,26 +210,16 @@ def coupling_solver_error(pipe, prompts: list[str], solvers=(("ddim", 10), ("ddi
     teacher = TeacherFlow(pipe, height, width)
     teacher.check_guidance(guidance_scale)
     prompts = list(prompts)
-    shape = teacher.shape
     table, rows_all = prompts_table(prompts)
     emb = teacher.encode_table(table, batch_size)
-    time_ids = teacher.time_ids(shape)
-    device = teacher.device
 
     def run(solver, steps, spc):
         grid, _ = coupling_grid(steps, num_windows, teacher.sigma_max, spc, teacher.clock)
         outs, t_total = [], 0.0
         for b0 in range(0, len(prompts), batch_size):
             ids = list(range(b0, min(b0 + batch_size, len(prompts))))
-            noise = seeded_noise(ids, seed, shape)
-            cond = cond_rows(emb, rows_all[ids], device, teacher.dtype, time_ids)
-            uncond = None if guidance_scale == 1.0 or not teacher.uses_cfg else cond_rows(
-                emb, torch.full((len(ids),), len(table)), device, teacher.dtype, time_ids)
-            t0 = time.perf_counter()
-            z, _ = solve_teacher_ode(teacher, noise, grid, solver, cond, uncond, guidance_scale)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_total += time.perf_counter() - t0
+            _, z, _, sec = solve_batch(teacher, emb, rows_all[ids], ids, seed, grid, solver, guidance_scale)
+            t_total += sec
             outs.append(z.float().cpu())
         return torch.cat(outs), t_total
 

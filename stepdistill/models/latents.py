@@ -18,7 +18,9 @@ def latent_shape(pipe, height: int | None = None, width: int | None = None) -> t
     """``(C, H, W)`` of the (unpacked) latents for an image of ``height`` x ``width`` pixels (default: native)."""
     scale = pipe.vae_scale_factor
     channels = int(denoiser_of(pipe).config.in_channels)
-    height, width = height or native_resolution(pipe), width or native_resolution(pipe)
+    if not (height and width):
+        native = native_resolution(pipe)
+        height, width = height or native, width or native
     if family_of(pipe).name == "flux":  # in_channels counts packed 2x2 patches
         if height % (2 * scale) or width % (2 * scale):
             raise ModelError(f"FLUX needs height and width divisible by {2 * scale} (VAE factor x 2x2 "

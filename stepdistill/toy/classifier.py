@@ -92,7 +92,6 @@ def train_classifier(steps: int = 1500, batch: int = 128, pool_size: int = 20000
 
 
 def load_classifier(path: str | Path = WEIGHTS) -> SceneClassifier:
-
     if not Path(path).exists():
         raise FileNotFoundError(f"toy classifier weights not found at {path}; run "
                                 f"`python train/train_toy_classifier.py --out {path}` to create them")
@@ -102,6 +101,5 @@ def load_classifier(path: str | Path = WEIGHTS) -> SceneClassifier:
 
 
 def save_classifier(model: SceneClassifier, path: str | Path):
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

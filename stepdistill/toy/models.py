@@ -33,7 +33,6 @@ SD_SCHEDULER_CONFIG = dict(
 
 
 def build_vae(scaling_factor: float = 1.0):
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -49,7 +48,6 @@ def build_vae(scaling_factor: float = 1.0):
 
 
 def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
-
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
@@ -67,7 +65,6 @@ def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pa
 
 
 def build_unet():
-
     return UNet2DConditionModel(
         sample_size=RESOLUTION // 4,
         in_channels=LATENT_CHANNELS,
@@ -83,5 +80,4 @@ def build_unet():
 
 
 def build_scheduler():
-
     return PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)

@@ -155,7 +155,6 @@ def sample_scenes(n: int, seed: int, resolution: int = 32) -> tuple[np.ndarray, 
 def write_image_folder(directory: str | Path, n: int, seed: int, resolution: int = 32) -> Path:
     """Write ``n`` scenes as ``NNNNNN.png`` + ``NNNNNN.txt`` captions (the layout users give their own data),
     plus a ``metadata.jsonl`` with the same captions (the HF imagefolder layout)."""
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     images, scenes = sample_scenes(n, seed, resolution)

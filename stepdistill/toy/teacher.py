@@ -110,7 +110,6 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 512):
 
 def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe: TeacherRecipe, writer=None,
                         on_snapshot=None):
-
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     tokenizer = build_toy_tokenizer()
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,

@@ -83,7 +83,6 @@ def build_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_toy_tokenizer():
     """A ``transformers.CLIPTokenizer`` over the toy vocabulary (77-token context, SD 1.5's special tokens)."""
-
     vocab, merges = build_vocab_and_merges()
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=MODEL_MAX_LENGTH)
 

@@ -5,7 +5,7 @@ the method's objective for a loss, and updates only the LoRA parameters. The tea
 UNet with its adapter disabled (peft), so a LoRA run holds one copy of the base model. The LoRA sits on
 the pipeline's denoiser: its ``unet`` (SD 1.x/2.x/SDXL; LCD or reflow) or, for flow-matching pipelines
 (SD3, FLUX.1; reflow only), its ``transformer`` -- the loop is the same, only the targets, the objective's
-model call and the output layout differ (see :func:`save_trained_lora`). All of a
+model call and the output layout differ (see :func:`stepdistill.lora.save_trained_adapter`). All of a
 step's randomness comes from a generator seeded by (seed, step, micro-step, process), so a resumed
 run replays exactly the batches, noise and timesteps an uninterrupted one would have used.
 Checkpoints (LoRA weights, optimizer, LR scheduler, RNG states) are written to a temporary directory
