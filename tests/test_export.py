@@ -12,7 +12,7 @@ from stepdistill import lora
 from stepdistill.cli.lora import add_lora_commands
 from stepdistill.lora import LoraFormatError, add_lora_to_unet, lora_delta, unet_lora_state_dict, verify_lora_loaded
 from stepdistill.models.family import FLUX_LORA_TARGET_MODULES
-from test_lora_io import perturb_lora
+from tiny_models import perturb_lora
 
 FLOW_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",

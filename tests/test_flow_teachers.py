@@ -26,7 +26,7 @@ from stepdistill.training.config import load_config
 from stepdistill.methods.reflow import ReflowObjective
 from stepdistill.models.denoiser import model_velocity as student_velocity
 from stepdistill.training.loop import train
-from test_couplings import PROMPTS, _t5_tokenizer, tiny_sd3_pipe
+from tiny_models import PROMPTS, t5_tokenizer, tiny_sd3_pipe
 
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
 K = 2          # windows; the couplings take one Euler step per window (N = K)
@@ -47,7 +47,7 @@ def tiny_flux_pipe(guidance_embeds: bool = False):
     from stepdistill.toy.tokenizer import build_toy_tokenizer
 
     torch.manual_seed(0)
-    tok, t5tok = build_toy_tokenizer(), _t5_tokenizer()
+    tok, t5tok = build_toy_tokenizer(), t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tok.bos_token_id,

@@ -22,6 +22,7 @@ from stepdistill.lora import (
     verify_lora_loaded,
 )
 from stepdistill.models.family import LCM_LORA_TARGET_MODULES
+from tiny_models import perturb_lora
 
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose: a lost alpha shows up as a 2x delta error
 
@@ -49,18 +50,6 @@ def make_pipe(tokenizer):
         )
 
     return make
-
-
-def perturb_lora(unet, adapter_name: str, seed: int, std: float = 0.05):
-    """Gaussian init leaves lora_B = 0 (delta 0); give every layer a non-zero random delta."""
-    from peft.tuners.lora import LoraLayer
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in unet.modules():
-            if isinstance(m, LoraLayer) and adapter_name in m.lora_B:
-                w = m.lora_B[adapter_name].weight
-                w.copy_(torch.randn(w.shape, generator=g) * std)
 
 
 def unet_out(unet):

@@ -22,7 +22,7 @@ from stepdistill.methods.reflow import ReflowObjective
 from stepdistill.models.denoiser import model_velocity as student_velocity
 from stepdistill.reflow import native_loss_weight
 from stepdistill.training.loop import train
-from test_couplings import PROMPTS, PointMassUNet, point_mass_pipe
+from tiny_models import PROMPTS, PointMassUNet, point_mass_pipe
 
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
 
@@ -217,7 +217,7 @@ def _sd_scheduler():
 
 
 def test_sdxl_student_velocity_runs_with_micro_conditioning(tmp_path):
-    from test_couplings import tiny_sdxl_pipe
+    from tiny_models import tiny_sdxl_pipe
 
     pipe = tiny_sdxl_pipe()
     RC.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=2, num_windows=1, guidance_scale=2.0, progress=False)
