@@ -184,7 +184,6 @@ def _log_snr_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return torch.log(a) - torch.log1p(-a)  # decreasing in t
 
 
-
 def vp_abar_of_sigma(s):
     """``alpha(s)^2 = (1-s)^2 / ((1-s)^2 + s^2)``: the VP ``abar`` of flow time ``s`` (float or tensor)."""
     if isinstance(s, torch.Tensor):
