@@ -1,5 +1,6 @@
 """The errors a user can fix. Each message names the problem and the fix on one line; the command line prints
-it without a traceback (exit code 2). Everything else is a bug and keeps its traceback."""
+it as ``error: <problem>; <fix>`` without a traceback (exit code 2; ``--debug`` or ``STEPDISTILL_DEBUG=1`` shows
+it). Everything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 
@@ -25,3 +26,11 @@ class CouplingError(StepdistillError, ValueError):
 
 class CouplingArgumentsMismatch(CouplingError):
     """``out_dir`` holds couplings generated with different arguments."""
+
+
+class CheckpointError(StepdistillError, RuntimeError):
+    """A checkpoint that cannot be resumed from: missing, incomplete, or from a run with another adapter shape."""
+
+
+class TrainingDiverged(StepdistillError, RuntimeError):
+    """The loss (or the adapter's weights) became non-finite; the run stopped without writing an adapter."""

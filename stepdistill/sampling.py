@@ -1,6 +1,7 @@
 """Loading pipelines, choosing few-step samplers, sampling with fixed seeds, and image grids."""
 from __future__ import annotations
 
+import numbers
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import lora
+from .errors import ConfigError
 from .flow_scheduler import PiecewiseRectifiedFlowScheduler
 from .models.family import denoiser_of
 from .models.latents import latent_shape, seeded_noise
@@ -31,7 +33,7 @@ SCHEDULERS = {
 def set_scheduler(pipe, name: str, **overrides):
     """Swap the pipeline's scheduler for ``name`` (a key of ``SCHEDULERS``), keeping its noise schedule."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SCHEDULERS))} (or perflow)")
     cls = getattr(diffusers, SCHEDULERS[name])
     config = dict(pipe.scheduler.config)
     if name == "ddim":  # set explicitly either way, so a previous trailing choice never leaks into this one
@@ -41,11 +43,24 @@ def set_scheduler(pipe, name: str, **overrides):
     return pipe
 
 
+def check_sampling_args(steps: int, guidance: float, steps_name: str = "steps", guidance_name: str = "guidance"):
+    """``steps >= 1`` and ``guidance >= 0`` (diffusers runs classifier-free guidance only for a scale > 1: 0 to 1 all
+    mean unguided sampling, and a negative scale would be reported but never applied)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ConfigError(f"{steps_name} must be an integer >= 1, got {steps!r}; e.g. {steps_name} 4")
+    if not (guidance >= 0 and np.isfinite(guidance)):
+        raise ConfigError(f"{guidance_name} must be >= 0 (a CFG scale; <= 1 means no classifier-free guidance), "
+                          f"got {guidance}; e.g. {guidance_name} 1 for an acceleration LoRA, 5-7.5 for a base model")
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0, batch_size: int = 64,
              height: int | None = None, width: int | None = None, **pipe_kwargs):
     """Sample one image per prompt; image i uses ``torch.Generator().manual_seed(seed + i)`` for its noise,
     so results do not depend on the batch size. Returns (uint8 array (N,H,W,3), seconds per image)."""
+    check_sampling_args(steps, guidance)
+    if not prompts:
+        raise ConfigError("no prompts to sample; pass at least one prompt")
     device = pipe.device
     images, elapsed = [], 0.0
     for start in range(0, len(prompts), batch_size):
@@ -69,13 +84,26 @@ def _initial_latents(pipe, n: int, seed: int, height: int | None, width: int | N
     return seeded_noise(range(n), seed, latent_shape(pipe, height, width)).to(pipe.device, denoiser_of(pipe).dtype)
 
 
+def wrap_label(text: str, width: int) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` characters (a longer word is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word[:width])
+    return lines or [""]
+
+
 def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
                scale: int = 2):
-    """A labelled PIL grid: ``rows`` is a list of (N,H,W,3) uint8 arrays, one per row."""
+    """A labelled PIL grid: ``rows`` is a list of (N,H,W,3) uint8 arrays, one per row. Column labels are wrapped
+    to the tile width, so a whole prompt stays readable above its column."""
     n_cols = max(len(r) for r in rows)
     h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
     left = 8 + 7 * max((len(l) for l in row_labels), default=0) if row_labels else 0
-    top = 14 if col_labels else 0
+    wrapped = [wrap_label(label, max(4, (w - 2) // 6)) for label in col_labels] if col_labels else []
+    top = 2 + 11 * max((len(lines) for lines in wrapped), default=0) if col_labels else 0
     grid = Image.new("RGB", (left + n_cols * (w + 2), top + len(rows) * (h + 2)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
@@ -85,9 +113,9 @@ def image_grid(rows: list[np.ndarray], row_labels: list[str] | None = None, col_
         for c, img in enumerate(row):
             tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
             grid.paste(tile, (left + c * (w + 2), y))
-    if col_labels:
-        for c, label in enumerate(col_labels):
-            draw.text((left + c * (w + 2) + 2, 1), label[: max(1, w // 6)], fill="black")
+    for c, lines in enumerate(wrapped):
+        for i, line in enumerate(lines):
+            draw.text((left + c * (w + 2) + 2, 1 + 11 * i), line, fill="black")
     return grid
 
 
@@ -97,10 +125,22 @@ def load_lora_adapter(pipe, path: str | Path, adapter_name: str, verify: bool = 
     raises). Returns the file's ``(metadata, format)``."""
     file = lora_file(path)
     _, metadata, fmt = lora.read_lora(file)
+    check_lora_fits(pipe, file)
     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
     if verify:
         lora.verify_lora_loaded(pipe, file, adapter_name)
     return metadata, fmt
+
+
+def check_lora_fits(pipe, file: Path):
+    """Before loading: every layer of the LoRA ``file`` must name a module of the pipeline's denoiser with a fitting
+    shape -- :class:`~stepdistill.lora.LoraFormatError` with the one line ``stepdistill inspect --base`` gives,
+    instead of diffusers' size-mismatch dump."""
+    try:
+        lora.read_adapter(file, denoiser_of(pipe))
+    except lora.LoraFormatError as e:
+        raise lora.LoraFormatError(f"{e}; pass the base model it was trained for (`stepdistill inspect {file}` "
+                                   "tells which)") from None
 
 
 def load_loras_into_pipeline(pipe, loras: list[tuple[str, float]], fuse: bool = False,
@@ -133,7 +173,8 @@ def lora_file(path: str | Path) -> Path:
     """A LoRA file, or the ``pytorch_lora_weights.safetensors`` in a directory; it must exist."""
     file = lora.resolve_lora_file(path) if Path(path).is_dir() else Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"LoRA file {file} not found")
+        raise FileNotFoundError(f"LoRA file {file} not found; pass a .safetensors file or a directory holding "
+                                f"{lora.LORA_WEIGHT_NAME}")
     return file
 
 
@@ -165,6 +206,7 @@ def apply_sampler(pipe, sampler: str, steps: int, num_windows: int | None = None
         base = pipe.scheduler
         pipe._stepdistill_base_scheduler = base
     pipe.scheduler = base
+    check_sampling_args(steps, 1.0)
     if sampler == "perflow":
         pipe.scheduler = PiecewiseRectifiedFlowScheduler.from_config(base.config, num_windows=num_windows or DEFAULT_NUM_WINDOWS)
     elif sampler == "ddim":

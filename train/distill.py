@@ -12,4 +12,4 @@ import sys
 from stepdistill.cli import main
 
 if __name__ == "__main__":
-    main(["distill", *sys.argv[1:]])
+    sys.exit(main(["distill", *sys.argv[1:]]))

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ..eval.evaluate import evaluate
+from ..data.prompts import read_prompts
+from ..errors import ConfigError
+from ..eval.evaluate import are_toy_prompts, evaluate
 from ..eval.specs import SPEC_HELP, STUDENT_STEPS, TEACHER_STEPS
+from ..sampling import check_sampling_args
+from ..training.preflight import check_model_source
+from .common import check_at_least
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.split(",") if s.strip())
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
 
 
 EVAL_EPILOG = """method specs (--method, repeatable; default: teacher):
@@ -25,12 +34,50 @@ examples:
 """
 
 
+def check_eval_args(args):
+    """Refuse what would fail (or be silently wrong) after the model has loaded."""
+    for name in ("student_steps", "teacher_steps"):
+        steps = getattr(args, name)
+        if not steps:
+            raise ConfigError(f"--{name.replace('_', '-')} needs at least one step count, e.g. 1,2,4")
+        for n in steps:
+            check_sampling_args(n, 1.0, "--" + name.replace("_", "-"))
+    if args.teacher_guidance is not None:
+        check_sampling_args(1, args.teacher_guidance, guidance_name="--teacher-guidance")
+    check_at_least(batch_size=(args.batch_size, 1), grid_prompts=(args.grid_prompts, 1))
+    check_model_source(args.model, "--model")
+
+
 def cmd_eval(args):
-    evaluate(args.out, methods=args.method or ["teacher"], model=args.model, prompts=args.prompts, seed=args.seed,
-             prompt_seed=args.prompt_seed, student_steps=args.student_steps, teacher_steps=args.teacher_steps,
-             teacher_guidance=args.teacher_guidance, inception_weights=args.inception_weights,
-             clip_model=args.clip_model, reference_images=args.reference_images, grid_prompts=args.grid_prompts,
-             batch_size=args.batch_size, device=args.device)
+    check_eval_args(args)
+    prompts, _ = read_prompts(args.prompts, seed=args.prompt_seed)  # a bad prompt source fails before any model
+    # toy-FID needs 2 images: with one toy prompt the per-cell progress line has no FID to print
+    verbose = len(prompts) >= 2 or not are_toy_prompts(prompts)
+    results = evaluate(args.out, methods=args.method or ["teacher"], model=args.model, prompts=args.prompts,
+                       seed=args.seed, prompt_seed=args.prompt_seed, student_steps=args.student_steps,
+                       teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance,
+                       inception_weights=args.inception_weights, clip_model=args.clip_model,
+                       reference_images=args.reference_images, grid_prompts=args.grid_prompts,
+                       batch_size=args.batch_size, device=args.device, verbose=verbose)
+    if not verbose:
+        print("warning: toy-FID needs at least 2 prompts (e.g. --prompts toy:100): reported as n/a", file=sys.stderr)
+        print(summary(results))
+        print(f"wrote {args.out}/results.json, results.md, quality_vs_steps.png, " + ", ".join(results["grids"].values()))
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary(results: dict) -> str:
+    """One line per method and step count: prompt accuracy, toy-FID, seconds per image (``n/a`` where undefined)."""
+    lines = []
+    for name, method in results["methods"].items():
+        for steps, cell in method["cells"].items():
+            lines.append(f"{name:>12s} {method['sampler']:>7s} {int(steps):3d} steps: prompt_acc "
+                         f"{_fmt(cell.get('prompt_accuracy'), '.3f')} toy_fid {_fmt(cell.get('toy_fid'), '.2f')} "
+                         f"{cell['sec_per_image']:.4f} s/img")
+    return "\n".join(lines)
 
 
 def add_eval_command(subparsers):
@@ -54,6 +101,9 @@ def add_eval_command(subparsers):
     e.add_argument("--reference-images", default=None, help="folder of reference images for FID (toy prompts: rendered scenes)")
     e.add_argument("--clip-model", default=None, help="local CLIP model directory for CLIP score")
     e.add_argument("--grid-prompts", type=int, default=8, help="columns of grid-<method>.png")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="do not add <student>-base rows (the base model, no adapter, under each student's sampler, "
+                        "steps and guidance)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default=None)
     e.add_argument("--out", default="out/eval")

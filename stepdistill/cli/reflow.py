@@ -9,16 +9,20 @@ from pathlib import Path
 from ..data.couplings import STORAGE_DTYPES
 from ..data.prompts import read_prompts
 from ..errors import CouplingError
-from ..methods.reflow_couplings import coupling_solver_error, default_guidance, generate_couplings
-from ..models.pipeline import load_pipeline
+from ..methods.reflow_couplings import (
+    coupling_solver_error,
+    default_guidance,
+    generate_couplings,
+)
 from ..ode import SOLVERS, SPACINGS
 from ..sampling import load_loras_into_pipeline
+from ..training.preflight import load_model
 from .common import parse_lora_spec
 from .distill import cmd_reflow_train
 
 
 def _cmd_couple(args):
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_model(args.model, key="--model", device=args.device)
     if args.lora:  # couplings of a student (InstaFlow's 2nd stage: the reflowed model's own ODE), LoRAs fused
         load_loras_into_pipeline(pipe, [parse_lora_spec(x) for x in args.lora], fuse=True)
     prompts, _ = read_prompts(args.prompts)
@@ -41,7 +45,7 @@ def _cmd_solver_error(args):
             raise CouplingError(f"solver spec {spec!r}: expected SOLVER:STEPS or SOLVER:STEPS:SPACING")
         return (bits[0], int(bits[1]), *bits[2:])
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_model(args.model, key="--model", device=args.device)
     prompts, _ = read_prompts(args.prompts)
     guidance = default_guidance(args.model, args.guidance, pipe)
     report = coupling_solver_error(pipe, prompts, [parse(s) for s in args.solvers.split(",")],
@@ -95,6 +99,8 @@ def add_reflow_commands(subparsers) -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", default=None, help="YAML recipe (optional)")
     t.add_argument("overrides", nargs="*", default=[], help="key=value config overrides, e.g. max_train_steps=500")
     t.add_argument("--couplings", default=None, help="shorthand for couplings_dir=DIR")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint directory: continue that run")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     t.set_defaults(func=cmd_reflow_train)
 
     e = rsub.add_parser("solver-error", help="RMSE of cheap coupling solvers against a many-step reference")

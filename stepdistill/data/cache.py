@@ -7,19 +7,25 @@ The cache is a directory of safetensors shards plus ``manifest.json``:
   and for SDXL ``time_ids`` (original size, crop, target size);
 - ``embeddings.safetensors``: ``prompt_embeds`` per distinct caption (and ``pooled`` for SDXL), the
   empty prompt last (the unconditional embedding for classifier-free guidance).
-The manifest records the model, resolution and example names; a cache whose manifest does not match
-the request is rebuilt, a matching one is reused.
+The manifest records the model, resolution and a fingerprint of the examples (name, caption, and each image
+file's size and modification time -- from ``stat``, never by holding the dataset in memory); a cache whose manifest
+does not match the request is rebuilt, a matching one is reused.
+
+A cache cannot be stale or mixed: a rebuild deletes the manifest before it replaces any file, writes every shard
+atomically with the fingerprint in its header, and writes the manifest last; loading checks that every file
+carries the manifest's fingerprint and that the row counts agree (a cache that fails this is rebuilt).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_save_file, atomic_write_json
@@ -27,7 +33,7 @@ from ..errors import DataError
 from ..models.family import encode_prompts, family_of, sdxl_time_ids
 from .sources import Example, check_resolution, preprocess
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: image size/mtime in the fingerprint, fingerprinted shards
 
 
 @dataclass
@@ -68,8 +74,7 @@ class LatentCache:
 def _fingerprint(model_id: str, resolution: int, examples: list[Example]) -> str:
     h = hashlib.sha256(f"{CACHE_VERSION}|{model_id}|{resolution}".encode())
     for ex in examples:
-        h.update(ex.name.encode())
-        h.update(ex.caption.encode())
+        h.update(b"\0".join(x.encode() for x in (ex.name, ex.caption, ex.stamp)) + b"\n")
     return h.hexdigest()[:16]
 
 
@@ -85,13 +90,18 @@ def precompute(pipe, examples: list[Example], resolution: int, cache_dir: str | 
     check_resolution(resolution, multiple)
     fingerprint = _fingerprint(model_id, resolution, examples)
     manifest_path = cache_dir / "manifest.json"
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
-        return load_cache(cache_dir)
+    if _manifest_fingerprint(manifest_path) == fingerprint:
+        try:
+            return load_cache(cache_dir)
+        except DataError as e:
+            warnings.warn(f"rebuilding the latent cache: {e}", UserWarning, stacklevel=2)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # invalidate before any file is replaced
+    header = {"fingerprint": fingerprint}
     captions = sorted({ex.caption for ex in examples})
     caption_to_row = {c: i for i, c in enumerate(captions)}
     emb = encode_prompts(pipe, captions + [""])
-    atomic_save_file(emb, cache_dir / "embeddings.safetensors")
+    atomic_save_file(emb, cache_dir / "embeddings.safetensors", metadata=header)
     vae = pipe.vae
     is_sdxl = family_of(pipe).name == "sdxl"
     shards = []
@@ -108,24 +118,73 @@ def precompute(pipe, examples: list[Example], resolution: int, cache_dir: str | 
         if is_sdxl:  # original size, crop top-left, target size (square, uncropped)
             tensors["time_ids"] = sdxl_time_ids(resolution, resolution).expand(len(part), -1).clone()
         name = f"latents-{len(shards):05d}.safetensors"
-        atomic_save_file(tensors, cache_dir / name)
+        atomic_save_file(tensors, cache_dir / name, metadata=header)
         shards.append(name)
+    for stale in cache_dir.glob("latents-*.safetensors"):
+        if stale.name not in shards:
+            stale.unlink()
     manifest = {"version": CACHE_VERSION, "fingerprint": fingerprint, "model": model_id, "resolution": resolution,
                 "num_examples": len(examples), "shards": shards, "captions": captions,
                 "scaling_factor": float(vae.config.scaling_factor),
                 "shift_factor": float(getattr(vae.config, "shift_factor", None) or 0.0)}
-    atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)  # last: the cache is valid from here on
     return load_cache(cache_dir)
 
 
+def _manifest_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read(path: Path, fingerprint: str, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of one cache file, which must carry ``fingerprint`` in its header."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            found = (f.metadata() or {}).get("fingerprint")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{what} {path} is unreadable ({type(e).__name__}: {e})") from None
+    if found != fingerprint:
+        raise DataError(f"{what} {path} belongs to another cache build (fingerprint {found}, manifest {fingerprint})")
+    return tensors
+
+
 def load_cache(cache_dir: str | Path) -> LatentCache:
+    """The cache in ``cache_dir``; a missing, unreadable or inconsistent one (files of different builds, row
+    counts that disagree) raises :class:`DataError`."""
     cache_dir = Path(cache_dir)
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    parts = [load_file(str(cache_dir / s)) for s in manifest["shards"]]
-    emb = load_file(str(cache_dir / "embeddings.safetensors"))
+    fix = f"; delete {cache_dir} (training rebuilds it)"
+    try:
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+        fingerprint, shards, captions = manifest["fingerprint"], manifest["shards"], manifest["captions"]
+        num_examples = int(manifest["num_examples"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"latent cache {cache_dir} has no readable manifest ({type(e).__name__}: {e}){fix}") from None
+    try:
+        parts = [_read(cache_dir / s, fingerprint, "cache shard") for s in shards]
+        emb = _read(cache_dir / "embeddings.safetensors", fingerprint, "cache embeddings")
+        if not parts or any(not {"mean", "std", "caption_index"} <= p.keys() for p in parts):
+            raise DataError(f"latent cache {cache_dir}: shards without mean/std/caption_index")
+        rows = [len(p["mean"]) for p in parts]
+        bad = [s for s, p, n in zip(shards, parts, rows) if any(len(t) != n for t in p.values())]
+        if bad:
+            raise DataError(f"cache shard {cache_dir / bad[0]}: its tensors have different row counts")
+        if sum(rows) != num_examples:
+            raise DataError(f"latent cache {cache_dir} holds {sum(rows)} rows, its manifest says {num_examples}")
+        n_emb = len(captions) + 1
+        if len(emb["prompt_embeds"]) != n_emb or ("pooled" in emb and len(emb["pooled"]) != n_emb):
+            raise DataError(f"cache embeddings {cache_dir / 'embeddings.safetensors'} hold "
+                            f"{len(emb['prompt_embeds'])} rows for {len(captions)} captions (+1 empty)")
+        caption_index = torch.cat([p["caption_index"] for p in parts])
+        if len(caption_index) and (int(caption_index.min()) < 0 or int(caption_index.max()) >= len(captions)):
+            raise DataError(f"latent cache {cache_dir}: caption indices outside the {len(captions)} captions")
+    except DataError as e:
+        raise DataError(f"{e}{fix}") from None
     return LatentCache(
         mean=torch.cat([p["mean"] for p in parts]), std=torch.cat([p["std"] for p in parts]),
-        caption_index=torch.cat([p["caption_index"] for p in parts]), prompt_embeds=emb["prompt_embeds"],
-        captions=manifest["captions"], scaling_factor=manifest["scaling_factor"],
+        caption_index=caption_index, prompt_embeds=emb["prompt_embeds"],
+        captions=captions, scaling_factor=manifest["scaling_factor"],
         shift_factor=manifest.get("shift_factor", 0.0), pooled=emb.get("pooled"),
         time_ids=torch.cat([p["time_ids"] for p in parts]) if "time_ids" in parts[0] else None)

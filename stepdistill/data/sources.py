@@ -1,32 +1,56 @@
 """Training data sources: image folders with .txt captions, HF imagefolders (metadata.jsonl), datasets saved
 with ``datasets.save_to_disk``, WebDataset shards, and the procedural toy world (``toy:N``).
 
-Every source becomes a list of ``Example(load_image, caption, name)``; images are loaded lazily and
-resized/centre-cropped to the training resolution by ``preprocess``. Problems are reported with the
-file and the fix.
+Every source becomes a list of ``Example(load_image, caption, name, stamp)``; images are loaded lazily and
+resized/centre-cropped to the training resolution by ``preprocess``; ``stamp`` (an image file's size and
+modification time, or a hash of in-memory bytes) lets the latent cache notice a replaced image. Problems are
+reported with the file (and line) and the fix; an empty caption is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from ..toy.scenes import sample_scenes
+from ..toy.scenes import RESOLUTION, sample_scenes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
 class Example:
-    load_image: Callable[[], "Image.Image"]  # noqa: F821
+    load_image: Callable[[], Image.Image]
     caption: str
     name: str
+    stamp: str = ""  # what identifies this image's content on disk (size and mtime), for the cache fingerprint
+
+
+def file_stamp(path: Path) -> str:
+    """``size:mtime_ns`` of a file (the latent cache's change detector); DataError when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check the path") from None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 raises :class:`DataError` naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+                        ) from None
 
 
 def _open_image(path: Path):
@@ -39,26 +63,17 @@ def _open_image(path: Path):
     return load
 
 
-def toy_examples(n: int, seed: int = 0, resolution: int = 32) -> list[Example]:
+def toy_examples(n: int, seed: int = 0, resolution: int = RESOLUTION) -> list[Example]:
     images, scenes = sample_scenes(n, seed=seed, resolution=resolution)
-    return [Example((lambda im=im: Image.fromarray(im)), s.caption, f"toy-{seed}-{i}")
+    return [Example((lambda im=im: Image.fromarray(im)), s.caption, f"toy-{seed}-{i}",
+                    hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=8).hexdigest())
             for i, (im, s) in enumerate(zip(images, scenes))]
 
 
 def image_folder_examples(directory: Path, caption_column: str = "text") -> list[Example]:
     meta = directory / "metadata.jsonl"
     if meta.exists():
-        examples = []
-        for line_no, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "file_name" not in row or caption_column not in row:
-                raise DataError(f"{meta}:{line_no} needs 'file_name' and '{caption_column}' fields "
-                                f"(set caption_column to the field holding captions); got {sorted(row)}")
-            examples.append(Example(_open_image(directory / row["file_name"]), str(row[caption_column]),
-                                    row["file_name"]))
-        return examples
+        return _metadata_examples(directory, meta, caption_column)
     images = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {directory}")
@@ -68,8 +83,42 @@ def image_folder_examples(directory: Path, caption_column: str = "text") -> list
         raise DataError(f"{len(missing)} of {len(images)} images in {directory} have no caption file "
                         f"(e.g. {shown}): write a .txt with the same name beside each image, or a "
                         f"metadata.jsonl with file_name/{caption_column} fields")
-    return [Example(_open_image(p), p.with_suffix(".txt").read_text().strip(), str(p.relative_to(directory)))
-            for p in images]
+    examples = []
+    for p in images:
+        caption_file = p.with_suffix(".txt")
+        caption = read_text_file(caption_file).strip()
+        if not caption:
+            raise DataError(f"{caption_file} is empty; write the caption of {p.name} into it, or remove the image")
+        examples.append(Example(_open_image(p), caption, str(p.relative_to(directory)), file_stamp(p)))
+    return examples
+
+
+def _metadata_examples(directory: Path, meta: Path, caption_column: str) -> list[Example]:
+    examples = []
+    for line_no, line in enumerate(read_text_file(meta).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta}:{line_no}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line"
+                            ) from None
+        if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{meta}:{line_no} needs 'file_name' and '{caption_column}' fields "
+                            f"(set caption_column to the field holding captions); got {got}")
+        caption = str(row[caption_column]).strip()
+        if not caption:
+            raise DataError(f"{meta}:{line_no}: empty '{caption_column}' for {row['file_name']}; write its caption "
+                            "or remove the line")
+        image = directory / row["file_name"]
+        if not image.is_file():
+            raise DataError(f"{meta}:{line_no}: image {row['file_name']} not found in {directory}; fix file_name "
+                            "or remove the line")
+        examples.append(Example(_open_image(image), caption, row["file_name"], file_stamp(image)))
+    if not examples:
+        raise DataError(f"{meta} lists no images; add file_name/{caption_column} lines")
+    return examples
 
 
 def hf_dataset_examples(directory: Path, caption_column: str, image_column: str) -> list[Example]:
@@ -84,7 +133,9 @@ def hf_dataset_examples(directory: Path, caption_column: str, image_column: str)
         if col not in ds.column_names:
             raise DataError(f"dataset at {directory} has no column {col!r}; columns: {ds.column_names} "
                             "(set caption_column / image_column)")
-    return [Example((lambda i=i: ds[i][image_column].convert("RGB")), str(ds[i][caption_column]), f"row-{i}")
+    stamp = ",".join(f"{p.relative_to(directory)}={file_stamp(p)}" for p in sorted(directory.rglob("*")) if p.is_file())
+    stamp = hashlib.sha256(stamp.encode()).hexdigest()[:16]  # any change to the dataset's files
+    return [Example((lambda i=i: ds[i][image_column].convert("RGB")), str(ds[i][caption_column]), f"row-{i}", stamp)
             for i in range(len(ds))]
 
 
@@ -99,8 +150,13 @@ def webdataset_examples(pattern: str, caption_column: str = "txt") -> list[Examp
         if key is None or caption_column not in sample:
             raise DataError(f"WebDataset sample {sample.get('__key__')} needs an image and a '{caption_column}' entry")
         data, caption = sample[key], sample[caption_column]
-        caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-        examples.append(Example((lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, sample["__key__"]))
+        try:
+            caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        except UnicodeDecodeError as e:
+            raise DataError(f"WebDataset sample {sample['__key__']} ({sample.get('__url__', pattern)}): caption is not "
+                            f"UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+        examples.append(Example((lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, sample["__key__"],
+                                hashlib.sha256(data).hexdigest()[:16]))
     return examples
 
 
@@ -109,7 +165,13 @@ def load_examples(source: str, caption_column: str = "text", image_column: str =
     a ``save_to_disk`` dataset), or WebDataset shards (``path/{00000..00009}.tar`` or a single ``.tar``)."""
     if source.startswith("toy:"):
         parts = source.split(":")
-        return toy_examples(int(parts[1]), seed=int(parts[2]) if len(parts) > 2 else 0)
+        try:
+            n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            raise DataError(f"training data {source!r}: expected toy:N or toy:N:SEED") from None
+        if n < 1 or len(parts) > 3:
+            raise DataError(f"training data {source!r}: expected toy:N or toy:N:SEED with N >= 1")
+        return toy_examples(n, seed=seed)
     if source.endswith(".tar") or "{" in source:
         return webdataset_examples(source)
     path = Path(source)

@@ -1,8 +1,23 @@
-"""Training configuration: one dataclass, loaded from YAML recipes (``configs/*.yaml``) with strict keys."""
+"""Training configuration: one dataclass, loaded from YAML recipes (``configs/*.yaml``) with strict keys and typed
+values.
+
+Every value -- from a recipe, a ``key=value`` override or code -- is checked against its field's type and coerced
+where that is unambiguous (:func:`coerce_value`): ``1e-4`` is a float, ``500`` an int for an int field and a float
+for a float field, ``[a, b]`` a list. YAML 1.1 would read ``no``/``off``/``yes``/``on`` as booleans (so
+``mixed_precision=no`` became ``False``); recipes and overrides are read with YAML 1.2 scalars instead: only
+``true``/``false`` are booleans, ``null``/``~`` is null, and ``1e-4`` is a number. A string field given on the
+command line takes the text as written. A value of the wrong type is a :class:`ConfigError` naming the key and the
+type it expects.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +34,7 @@ class TrainConfig:
     method: str = "lcd"                      # a key of stepdistill.methods.METHODS: "lcd" or "reflow"
     pretrained_model: str = "toy"            # "toy", a local diffusers pipeline directory, or a hub id
     output_dir: str = "out/lcd"
+    overwrite: bool = False                  # a fresh run may replace the run already in output_dir
     # data
     train_data: str = "toy:4000"             # see stepdistill.data.sources.load_examples
     caption_column: str = "text"
@@ -43,7 +59,7 @@ class TrainConfig:
     train_batch_size: int = 16               # per device
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 1000
-    mixed_precision: str = "no"              # "no", "fp16", "bf16" (LoRA parameters stay fp32)
+    mixed_precision: str = "no"              # "no", "fp16" (CUDA only), "bf16" (LoRA parameters stay fp32)
     gradient_checkpointing: bool = False
     seed: int = 0
     # LCD (LCM / LCM-LoRA)
@@ -71,15 +87,165 @@ class TrainConfig:
     save_diffusers_format: bool = False      # also write the diffusers-native layout under <output_dir>/diffusers/
 
     def __post_init__(self):
+        hints = field_types()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), hints[f.name]))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        if self.lora_rank < 1:
-            raise ConfigError("lora_rank must be >= 1")
+        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning_rate must be a finite number >= 0, got {self.learning_rate}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError("checkpoints_total_limit must be >= 1, or null to keep every checkpoint")
         methods.check_config(self)  # the method's registry entry checks its own keys
 
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# typed values
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 core-schema booleans (``true``/``false`` only; ``no``, ``off``, ``yes`` and
+    ``on`` stay strings) and floats (``1e-4``, ``1E5``, ``.5`` are numbers, not strings)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _bool_from_yaml12(loader, node):
+    return loader.construct_scalar(node).lower() == "true"
+
+
+def _float_from_yaml12(loader, node):
+    text = loader.construct_scalar(node).lower()
+    if text.endswith("inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    return math.nan if text.endswith("nan") else float(text)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:bool", _bool_from_yaml12)
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _float_from_yaml12)
+_NULLS = ("", "~", "null", "Null", "NULL")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def load_yaml(text: str):
+    """YAML with 1.2 scalars (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass
+
+
+def field_types() -> dict[str, object]:
+    """``{key: type}`` of :class:`TrainConfig` (``int | None``, ``list[str]`` ...)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _split_optional(tp) -> tuple[object, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def type_name(tp) -> str:
+    base, optional = _split_optional(tp)
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        name = f"a list of {_NAMES[item]}s"
+    else:
+        name = ("an " if _NAMES[base][0] in "aeiou" else "a ") + _NAMES[base]
+    return name + (" or null" if optional else "")
+
+
+_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_EXAMPLES = {str: "text", int: "3", float: "1e-4", bool: "true"}
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
+
+
+def coerce_value(key: str, value, tp, from_text: bool = False):
+    """``value`` for config key ``key`` as type ``tp``; ``from_text``: ``value`` is the text of a ``key=value``
+    override (a string field takes it as written, other fields parse it as YAML 1.2)."""
+    base, optional = _split_optional(tp)
+    if from_text:
+        if optional and value.strip() in _NULLS:
+            return None
+        if base is str:
+            return value
+        value = load_yaml(value) if value.strip() else None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {key} expects {type_name(tp)}, got null; give it a value or leave the key out")
+    try:
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            if isinstance(value, str) and item is not str:  # `validation_step_counts=1,2,4`
+                value = [load_yaml(v) for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_scalar(v, item) for v in value]
+        return _scalar(value, base)
+    except (TypeError, ValueError):
+        example = _EXAMPLES.get(base) or ("[1, 2, 4]" if typing.get_args(base)[0] is int else "[a, b]")
+        raise ConfigError(f"config key {key} expects {type_name(tp)}, got {_shown(value)}; e.g. {key}={example}"
+                          ) from None
+
+
+def _scalar(value, tp):
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError
+    if isinstance(value, bool):  # bool is an int in Python; never a number here
+        raise TypeError
+    if isinstance(value, str):
+        value = load_yaml(value)
+        if isinstance(value, (str, bool)) or value is None:
+            raise TypeError
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int):
+            raise TypeError
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    raise TypeError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
 
 
 def _check_keys(data: dict, source: str):
@@ -93,23 +259,51 @@ def _check_keys(data: dict, source: str):
         raise ConfigError(f"unknown config key(s) in {source}: {', '.join(hints)}; valid keys: {', '.join(sorted(valid))}")
 
 
+class OverrideText(str):
+    """The text of a ``key=value`` override (:func:`parse_override`), coerced by its field's type in
+    :func:`load_config`."""
+
+
 def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
-    """Load a YAML recipe, then apply ``overrides`` (e.g. from the command line); unknown keys are errors."""
+    """Load a YAML recipe, then apply ``overrides`` (e.g. from the command line); unknown keys are errors, values
+    are checked against the field types (``key=value`` texts from :func:`parse_override` are parsed by type)."""
     data = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"recipe {path} not found; pass an existing YAML file (see configs/)") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+                              ) from None
+        try:
+            data = load_yaml(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the recipe"
+                              ) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys")
+            raise ConfigError(f"{path} must hold a mapping of config keys (key: value lines)")
         _check_keys(data, str(path))
+        hints = field_types()
+        for key, value in data.items():
+            try:
+                data[key] = coerce_value(key, value, hints[key])
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_keys(overrides, "overrides")
-    data.update(overrides)
+    hints = field_types()
+    for key, value in overrides.items():
+        data[key] = coerce_value(key, str(value), hints[key], from_text=True) if isinstance(value, OverrideText) else value
     return TrainConfig(**data)
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` with the value parsed as YAML (numbers, lists, booleans)."""
+def parse_override(text: str) -> tuple[str, OverrideText]:
+    """``key=value`` -> ``(key, value text)``; :func:`load_config` parses the text by the key's type (``no`` stays
+    the string for ``mixed_precision``, ``1e-3`` is a float, ``[a, b]`` a list)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), OverrideText(value)

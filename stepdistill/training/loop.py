@@ -9,17 +9,22 @@ model call and the output layout differ (see :func:`stepdistill.lora.save_traine
 step's randomness comes from a generator seeded by (seed, step, micro-step, process), so a resumed
 run replays exactly the batches, noise and timesteps an uninterrupted one would have used.
 Checkpoints (LoRA weights, optimizer, LR scheduler, RNG states) are written to a temporary directory
-and renamed into place, so a crash never leaves a half-written checkpoint behind.
+and renamed into place, so a crash never leaves a half-written checkpoint behind (:mod:`.checkpoints`).
+
+Nothing is written before the checks pass (:mod:`.preflight`): a fresh run refuses an output directory that
+holds another run unless ``overwrite``; ``train_config.json`` is written once the model, data and adapter are
+ready. A non-finite loss, or non-finite adapter weights at a checkpoint or at the end, stops the run with
+:class:`~stepdistill.errors.TrainingDiverged`: no checkpoint or adapter is written from a diverged state, and
+the last good checkpoint stays.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -28,12 +33,36 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import lora
+from ..atomic import atomic_write_text
+from ..errors import CheckpointError, StepdistillError, TrainingDiverged
 from ..methods import build_objective
-from ..models.family import LCM_LORA_TARGET_MODULES, default_target_modules, denoiser_of, family_of
-from ..models.pipeline import load_pipeline
+from ..models.family import (
+    LCM_LORA_TARGET_MODULES,
+    default_target_modules,
+    denoiser_of,
+    family_of,
+)
+from .checkpoints import (
+    LORA_STATE,
+    adapter_settings,
+    check_adapter_settings,
+    check_checkpoint,
+    check_state_shapes,
+    list_checkpoints,
+    new_run_id,
+    read_record,
+    resume_candidates,
+    save_checkpoint,
+    warn_fallback,
+)
 from .config import TrainConfig
-
-CHECKPOINT_PREFIX = "checkpoint-"
+from .preflight import (
+    check_mixed_precision,
+    check_model_source,
+    check_output_dir,
+    clear_previous_run,
+    load_model,
+)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -42,46 +71,6 @@ class TrainingInterrupted(RuntimeError):
 
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 17 + process)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    done = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-            and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(config: TrainConfig) -> Path | None:
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint == "latest":
-        found = list_checkpoints(config.output_dir)
-        return found[-1] if found else None
-    path = Path(config.resume_from_checkpoint)
-    if not path.is_absolute() and not path.exists():
-        path = Path(config.output_dir) / path
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {config.resume_from_checkpoint} not found (looked at {path}); "
-                                f"available: {[p.name for p in list_checkpoints(config.output_dir)]}")
-    return path
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.save_state(str(tmp))
-    (tmp / "stepdistill_step.json").write_text(json.dumps({"global_step": step}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if total_limit:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old)
-    return final
 
 
 def lora_target_modules(config: TrainConfig, model) -> list[str]:
@@ -143,6 +132,10 @@ def training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, para
 def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     """Run the distillation described by ``config``; returns the directory holding the LoRA."""
     output_dir = Path(config.output_dir)
+    check_output_dir(config)  # refuse before anything is loaded or written
+    check_model_source(config.pretrained_model)
+    check_mixed_precision(config, PartialState().device)
+    candidates = resume_candidates(config) if config.resume_from_checkpoint else []
     log_with = config.report_to if config.report_to not in (None, "none") else None
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -150,12 +143,9 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
 
     set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
-    pipe = load_pipeline(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
+    pipe = load_model(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
     denoiser = denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
     family = family_of(pipe)
     objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
@@ -165,53 +155,65 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     def save_hook(models, weights, path):
         if accelerator.is_main_process:
             sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped))
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()},
-                      os.path.join(path, "lora_state.safetensors"))
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, os.path.join(path, LORA_STATE))
         while weights:
             weights.pop()
 
     def load_hook(models, path):
-        set_peft_model_state_dict(accelerator.unwrap_model(wrapped),
-                                  load_file(os.path.join(path, "lora_state.safetensors")))
+        state = load_file(os.path.join(path, LORA_STATE))
+        raw = accelerator.unwrap_model(wrapped)
+        check_state_shapes(Path(path), state, get_peft_model_state_dict(raw))
+        set_peft_model_state_dict(raw, state)
         while models:
             models.pop()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    global_step = 0
-    resume = resolve_resume(config)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        global_step = int(json.loads((resume / "stepdistill_step.json").read_text())["global_step"])
+    global_step, run_id = 0, new_run_id()
+    if candidates:
+        resume, global_step = resume_from(accelerator, config, candidates)
+        run_id = read_record(resume).get("run_id") or run_id
         accelerator.print(f"resumed from {resume} at step {global_step}")
+    if accelerator.is_main_process:  # the checks passed and everything loaded: now the run's records
+        if config.overwrite and not candidates:
+            gone = clear_previous_run(output_dir)
+            if gone:
+                accelerator.print(f"--overwrite: removed the previous run's {', '.join(gone[:4])}"
+                                  + (" ..." if len(gone) > 4 else ""))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "train_config.json", json.dumps(config.__dict__, indent=1, default=str))
     if log_with:
         accelerator.init_trackers("stepdistill", config={k: str(v) for k, v in config.__dict__.items()})
 
+    settings = adapter_settings(config)
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
                disable=not accelerator.is_local_main_process)
     wrapped.train()
-    while global_step < config.max_train_steps:
-        for micro in range(config.gradient_accumulation_steps):
-            gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
-            loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
-        global_step += 1
-        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4g}")
-        if log_with:
-            accelerator.log(logs, step=global_step)
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-            if accelerator.is_main_process:
-                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-        if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
-                and global_step % config.validation_steps == 0):
-            objective.validate(pipe, accelerator, global_step)
-        if interrupt_after is not None and global_step >= interrupt_after:
-            raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
-    bar.close()
+    with bar:  # closed (its line ended) on an error too, so a message starts on a line of its own
+        while global_step < config.max_train_steps:
+            for micro in range(config.gradient_accumulation_steps):
+                gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
+                loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
+                check_finite_loss(accelerator, loss, global_step + 1, config)
+            global_step += 1
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4g}")
+            if log_with:
+                accelerator.log(logs, step=global_step)
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                check_finite_weights(params, global_step, config)
+                if accelerator.is_main_process:
+                    save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
+                accelerator.wait_for_everyone()
+            if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
+                    and global_step % config.validation_steps == 0):
+                objective.validate(pipe, accelerator, global_step)
+            if interrupt_after is not None and global_step >= interrupt_after:
+                raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
 
+    check_finite_weights(params, global_step, config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(wrapped)
@@ -221,13 +223,65 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         lora.save_trained_adapter(output_dir, raw, tag, header, metadata["title"])
         if config.save_diffusers_format:
             lora.save_trained_adapter(output_dir / "diffusers", raw, tag, header, metadata["title"], format="diffusers")
-        (output_dir / "stepdistill_card.json").write_text(json.dumps(metadata, indent=1))
+        atomic_write_text(output_dir / "stepdistill_card.json", json.dumps(metadata, indent=1))
         layout = "transformer.* layout" if family.is_flow else "kohya layout"
-        (output_dir / "README.md").write_text(model_card_markdown(metadata, layout))
+        atomic_write_text(output_dir / "README.md", model_card_markdown(metadata, layout))
         if config.validation_prompts:
             objective.validate(pipe, accelerator, global_step)
     accelerator.end_training()
     return output_dir
+
+
+def resume_from(accelerator, config: TrainConfig, candidates: list[Path]) -> tuple[Path, int]:
+    """Load the first complete checkpoint of ``candidates`` (newest first for ``latest``); a damaged one is named
+    and skipped for the previous one. Returns ``(checkpoint, step)``."""
+    for i, checkpoint in enumerate(candidates):
+        try:
+            step = check_checkpoint(checkpoint)
+            check_adapter_settings(checkpoint, config)
+            try:
+                accelerator.load_state(str(checkpoint))
+            except StepdistillError:
+                raise  # the adapter does not fit (check_state_shapes): every checkpoint of the run would fail alike
+            except (OSError, RuntimeError, ValueError, EOFError, KeyError) as e:
+                raise CheckpointError(f"{checkpoint} cannot be loaded ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''})") from e
+            return checkpoint, step
+        except CheckpointError as e:
+            if i + 1 == len(candidates):
+                more = "" if i else (" (the only checkpoint)" if config.resume_from_checkpoint == "latest" else "")
+                raise CheckpointError(f"{e}{more}; no complete checkpoint to resume from: resume from another "
+                                      "checkpoint, or start a fresh run (--overwrite)") from None
+            warn_fallback(e, candidates[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _last_good_checkpoint(config: TrainConfig) -> str:
+    found = list_checkpoints(config.output_dir)
+    return (f"the last good checkpoint is {found[-1]}" if found
+            else f"no checkpoint was written before (checkpointing_steps={config.checkpointing_steps})")
+
+
+def check_finite_loss(accelerator, loss: torch.Tensor, step: int, config: TrainConfig):
+    """Stop the run (every process) when the loss is NaN or infinite."""
+    value = loss.detach().float()
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item():
+        shown = value.item() if value.numel() == 1 else float("nan")
+        raise TrainingDiverged(f"the loss is {shown} at step {step} (learning_rate={config.learning_rate:g}); "
+                               f"stopped without writing an adapter, {_last_good_checkpoint(config)}: lower "
+                               "learning_rate and start again with --overwrite")
+
+
+def check_finite_weights(params, step: int, config: TrainConfig):
+    """Stop the run before a checkpoint or the adapter is written from non-finite LoRA weights."""
+    bad = sum(int(not torch.isfinite(p.detach()).all()) for p in params)
+    if bad:
+        raise TrainingDiverged(f"{bad} of {len(params)} LoRA tensors are not finite at step {step} "
+                               f"(learning_rate={config.learning_rate:g}); stopped without writing an adapter, "
+                               f"{_last_good_checkpoint(config)}: lower learning_rate and start again with --overwrite")
 
 
 def model_card_markdown(card: dict, layout: str = "kohya layout") -> str:
@@ -242,6 +296,6 @@ def model_card_markdown(card: dict, layout: str = "kohya layout") -> str:
               f"pipe = DiffusionPipeline.from_pretrained({card['base_model']!r})",
               f"pipe.load_lora_weights('.')  # pytorch_lora_weights.safetensors ({layout})",
               f"pipe.scheduler = {card['scheduler']}.from_config(pipe.scheduler.config{kwargs})",
-              f"image = pipe(prompt, num_inference_steps={card['recommended_steps']}, "
-              f"guidance_scale={card['recommended_guidance']}).images[0]", "```", ""]
+              (f"image = pipe(prompt, num_inference_steps={card['recommended_steps']}, "
+               f"guidance_scale={card['recommended_guidance']}).images[0]"), "```", ""]
     return "\n".join(lines)
