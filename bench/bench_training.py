@@ -83,7 +83,7 @@ def reference_trainer(model: str, config, device: torch.device, n_examples: int,
         timestep_scaling=config.timestep_scaling_factor, batch_size=config.train_batch_size, device=device,
         weight_dtype=weight_dtype, autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype,
         max_grad_norm=config.max_grad_norm)
-    examples = toy_examples(n_examples, seed=0)  # exactly what the toolkit's cache holds ("toy:N": 32 px, resized)
+    examples = toy_examples(n_examples, seed=0)  # exactly what the toolkit's cache holds ("toy:N": 64 px)
     pixels = torch.from_numpy(np.stack([preprocess(ex.load_image(), resolution) for ex in examples]))
     captions = [ex.caption for ex in examples]
     gen = torch.Generator().manual_seed(1)

@@ -161,7 +161,7 @@ def test_sdxl_couplings_equal_the_stock_pipeline(tmp_path):
     pipe = tiny_sdxl_pipe()
     RC.generate_couplings(pipe, PROMPTS[:2], tmp_path, num_steps=4, num_windows=2, guidance_scale=3.0, progress=False)
     cs = couplings_io.load_couplings(tmp_path)
-    assert cs.manifest["time_ids"] == [32, 32, 0, 0, 32, 32] and cs.pooled.shape == (3, 16)
+    assert cs.manifest["time_ids"] == [64, 64, 0, 0, 64, 64] and cs.pooled.shape == (3, 16)
     assert cs.prompt_embeds[-1].abs().max() == 0 and cs.pooled[-1].abs().max() == 0
     student = StableDiffusionXLPipeline(**pipe.components)
     student.set_progress_bar_config(disable=True)

@@ -120,14 +120,15 @@ def test_perflow_sampler_gets_window_count(model_and_loras):
 def _grid_rows_cols(path, n_rows, n_cols, tile):
     with Image.open(path) as im:
         w, h = im.size
-    # image_grid: label column + n_cols * (tile + 2) wide; 14 px header + n_rows * (tile + 2) high
-    return h == 14 + n_rows * (tile + 2) and w > n_cols * (tile + 2) and w < n_cols * (tile + 2) + 200
+    # image_grid: label column + n_cols * (tile + 2) wide; a header of wrapped prompts + n_rows * (tile + 2) high
+    header = h - n_rows * (tile + 2)
+    return 12 < header < 80 and w > n_cols * (tile + 2) and w < n_cols * (tile + 2) + 200
 
 
 def test_evaluate_writes_outputs_and_repeats_exactly(model_and_loras, tmp_path):
 
     model, lcd_dir, _ = model_and_loras
-    methods = ["teacher", f"lcd={lcd_dir}:lcm", "base-lcm=:lcm:steps=1:guidance=1"]
+    methods = ["teacher", f"lcd={lcd_dir}:lcm"]  # the student's baseline row (lcd-base) is added by default
 
     # first run through the command line (`stepdistill eval`, registered by add_eval_command)
     from stepdistill.cli import build_parser
@@ -142,7 +143,7 @@ def test_evaluate_writes_outputs_and_repeats_exactly(model_and_loras, tmp_path):
     args.func(args)
 
     a = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert list(a["methods"]) == ["teacher", "lcd", "base-lcm"]
+    assert list(a["methods"]) == ["teacher", "lcd", "lcd-base"]
     assert a["prompts"] == {"source": "toy:8 (evaluation_prompts seed 0)", "count": N_PROMPTS, "toy": True}
     t = a["methods"]["teacher"]
     assert (t["sampler"], t["steps"], t["guidance"]) == ("ddim", [4], TOY_GUIDANCE)
@@ -155,16 +156,19 @@ def test_evaluate_writes_outputs_and_repeats_exactly(model_and_loras, tmp_path):
             assert cell["sec_per_image"] > 0
             assert cell["fid"] is None and "fid" in cell["unavailable"]          # no --inception-weights
             assert cell["clip_score"] is None and "clip_score" in cell["unavailable"]  # no --clip-model
+    # the baseline: the base model, no adapter, under the student's sampler, steps and guidance
+    b = a["methods"]["lcd-base"]
+    assert (b["sampler"], b["steps"], b["guidance"], b["loras"], b["baseline_of"]) == ("lcm", [1, 2], 1.0, [], "lcd")
     # the LoRA is really applied: same sampler, steps and seeds, with vs. without the adapter
-    assert a["methods"]["lcd"]["cells"]["1"]["toy_fid"] != a["methods"]["base-lcm"]["cells"]["1"]["toy_fid"]
+    assert a["methods"]["lcd"]["cells"]["1"]["toy_fid"] != b["cells"]["1"]["toy_fid"]
 
     md = (tmp_path / "a" / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert len(rows) == 1 + 2 + 1
-    assert rows[0].startswith("| teacher | ddim | 4 | 5 |") and "unavailable" in rows[0]
+    assert len(rows) == 1 + 2 + 2
+    assert rows[0].startswith(f"| teacher | ddim | 4 | {TOY_GUIDANCE:g} |") and "unavailable" in rows[0]
     assert "Unavailable metrics:" in md
 
-    tile = 3 * 32  # 32 px images, scale 3
+    tile = 3 * 64  # 64 px images, scale 3
     assert _grid_rows_cols(tmp_path / "a" / "grid-teacher.png", 1, 4, tile)
     assert _grid_rows_cols(tmp_path / "a" / "grid-lcd.png", 2, 4, tile)
     with Image.open(tmp_path / "a" / "quality_vs_steps.png") as im:

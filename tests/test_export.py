@@ -309,10 +309,27 @@ def test_inspect_with_base_rejects_a_lora_for_another_base(unet_lora, tmp_path, 
         sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(48, 96), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
+        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
         norm_num_groups=16)
     wider.save_pretrained(tmp_path / "other" / "unet")
     (tmp_path / "other" / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     assert _cli(["inspect", str(path), "--base", str(tmp_path / "other")]) == 2
     assert "different base" in capsys.readouterr().err
+
+
+def test_format_notes_name_the_tools_that_apply_a_layout(unet_lora, tmp_path, capsys):
+    """Issue 14's measured table: the kohya layout loads fully in all four tools; a diffusers-layout file gets a
+    one-line note on export and an inspect report naming what each tool drops."""
+    path, _ = unet_lora
+    assert _cli(["inspect", str(path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert "loads fully diffusers, ComfyUI, A1111, kohya sd-scripts" in out
+    assert _cli(["export", str(path), str(tmp_path / "d"), "--format", "diffusers"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "A1111 and kohya sd-scripts apply none" in out and "ComfyUI drops its attention projections" in out
+    assert _cli(["inspect", str(tmp_path / "d")]) in (0, None)
+    out = capsys.readouterr().out
+    assert "loads fully diffusers\n" in out and "A1111: no layer, silently" in out and "ComfyUI: 150/278" in out
+    info = lora.inspect_lora(tmp_path / "d")
+    assert info["loads_fully_in"] == ["diffusers"]

@@ -78,9 +78,9 @@ def test_add_lora_targets_every_lcm_module_type(trained):
     assert len(layers) == 115
     assert all(not p.startswith(("base_model", "unet.")) and "default" not in p for p in layers)
     down, up, alpha = layers["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
-    assert down.shape == (RANK, 32) and up.shape == (32, RANK) and alpha == ALPHA
+    assert down.shape == (RANK, 48) and up.shape == (48, RANK) and alpha == ALPHA
     down, up, _ = layers["down_blocks.0.resnets.0.conv1"]  # conv: down (r, in, kh, kw), up (out, r, 1, 1)
-    assert down.shape == (RANK, 32, 3, 3) and up.shape == (32, RANK, 1, 1)
+    assert down.shape == (RANK, 48, 3, 3) and up.shape == (48, RANK, 1, 1)
     # only the adapter trains, and it changes the output
     assert all(("lora_" in n) == p.requires_grad for n, p in pipe.unet.named_parameters())
     assert (lora_out - base_out).abs().max() > 0.1
@@ -168,7 +168,7 @@ def test_from_kohya_rejects_lora_of_another_base(trained):
         sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(48, 96), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
+        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
         norm_num_groups=16,
     )
     with pytest.raises(LoraFormatError, match="do not match the base model") as e:
@@ -235,7 +235,7 @@ def test_two_adapters_with_set_adapters(trained, make_pipe, tmp_path):
     both = unet_out(p.unet)
     images = p("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
-    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
     # verification uses the intrinsic scale: set_adapters weights do not make a good file look broken
     assert verify_lora_loaded(p, layers, "a").ok

@@ -439,20 +439,20 @@ def test_scheduler_in_stock_sd_pipelines(tiny_sd_parts):
                 "a red circle", num_inference_steps=n, guidance_scale=2.0, output_type="np",
                 generator=torch.Generator().manual_seed(0), callback_on_step_end=cb,
             ).images
-        assert out.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(out)).all())
+        assert out.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(out)).all())
         assert seen == pipe.scheduler.timesteps.tolist() and len(seen) == n
         assert pipe.scheduler.step_index == n
 
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     seen = []
-    image = torch.rand(1, 3, 32, 32)  # in [0, 1]
+    image = torch.rand(1, 3, 64, 64)  # in [0, 1]
     out = img2img(
         "a red circle", image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="np",
         generator=torch.Generator().manual_seed(0),
         callback_on_step_end=lambda p, i, t, kw: (seen.append(float(t)), kw)[1],
     ).images
-    assert out.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(out)).all())
+    assert out.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(out)).all())
     assert seen == img2img.scheduler.timesteps[2:].tolist()
     assert img2img.scheduler.step_index == 4
 

@@ -15,7 +15,7 @@ def test_loads_with_stock_stable_diffusion_pipeline_and_samples():
     g = torch.Generator().manual_seed(0)
     out = pipe(["a large red circle in the center on a white background"] * 2, num_inference_steps=10,
                guidance_scale=5.0, generator=g, output_type="np").images
-    assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
+    assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all()
     assert out.std() > 0.05  # an image, not a flat field
 
 
@@ -35,4 +35,4 @@ def test_sd15_drop_in_configuration():
 
 def test_committed_weights_are_small():
     total = sum(p.stat().st_size for p in TOY_TEACHER_DIR.rglob("*") if p.is_file())
-    assert total < 12 * 2**20
+    assert total < 20 * 2**20  # tens of MB at most (issue 9): 15 MB fp32 today

@@ -1,6 +1,6 @@
 from transformers import CLIPTokenizer
 
-from stepdistill.toy.scenes import all_scenes
+from stepdistill.toy.world import evaluation_prompts
 from stepdistill.toy.tokenizer import BOS, EOS, build_toy_tokenizer, caption_word_counts
 
 
@@ -8,7 +8,7 @@ def test_every_caption_word_is_one_token_and_round_trips():
     tok = build_toy_tokenizer()
     for word in caption_word_counts():
         assert tok.tokenize(word) == [word + "</w>"]
-    caption = all_scenes()[123].caption
+    caption = evaluation_prompts(200)[123]
     ids = tok(caption).input_ids
     assert ids[0] == tok.convert_tokens_to_ids(BOS) and ids[-1] == tok.convert_tokens_to_ids(EOS)
     assert len(ids) == len(caption.split()) + 2
@@ -32,6 +32,6 @@ def test_save_and_load_pretrained(tmp_path):
     tok = build_toy_tokenizer()
     tok.save_pretrained(tmp_path)
     loaded = CLIPTokenizer.from_pretrained(tmp_path)
-    caption = all_scenes()[7].caption
+    caption = evaluation_prompts(10)[7]
     assert loaded(caption).input_ids == tok(caption).input_ids
     assert len(loaded) == len(tok)

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ..lora import FLOW_FAMILIES, FLOW_KEYS, FORMATS, LoraFormatError, export_lora, format_inspection, inspect_lora
+from ..lora import DIFFUSERS_LAYOUT_NOTE, FLOW_FAMILIES, FLOW_KEYS, FORMATS, LoraFormatError, export_lora, format_inspection, inspect_lora
 
 _DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -26,6 +26,8 @@ def cmd_export(args):
         raise _fail(str(e)) from None
     print(f"wrote {path}: {len(adapter.layers)} {adapter.component} layers, {adapter.format} -> {args.format}"
           + (f" ({args.flow_keys} keys)" if args.format == "comfy-flow" else ""))
+    if args.format == "diffusers":
+        print(DIFFUSERS_LAYOUT_NOTE)
 
 
 def cmd_inspect(args):

@@ -29,6 +29,7 @@ def cmd_sample(args):
     check_at_least(num_images=(args.num_images, 1), scale=(args.scale, 1))
     if args.scheduler is not None and args.scheduler not in SAMPLERS:
         raise ConfigError(f"--scheduler {args.scheduler!r} is not a sampler; choose one of {', '.join(SAMPLERS)}")
+    prompt_list = args.prompt or default_prompts(args.model)  # before the model loads: a missing --prompt fails fast
     loras = [parse_lora_spec(s) for s in args.lora]
     metadatas = lora_metadata(loras)  # a missing or unreadable LoRA file fails before the model loads
     pipe = load_model(args.model, key="--model", device=args.device)
@@ -38,7 +39,6 @@ def cmd_sample(args):
     scheduler = args.scheduler or sampler or "ddim"
     guidance = args.guidance if args.guidance is not None else (1.0 if loras else TOY_GUIDANCE)
     apply_sampler(pipe, scheduler, args.steps, windows)
-    prompt_list = args.prompt or default_prompts(args.model)
     prompts = [p for p in prompt_list for _ in range(args.num_images)]
     images, sec = generate(pipe, prompts, steps=args.steps, guidance=guidance, seed=args.seed)
     rows = [images[i * args.num_images:(i + 1) * args.num_images] for i in range(len(prompt_list))]

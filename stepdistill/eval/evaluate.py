@@ -42,7 +42,7 @@ from ..sampling import (
     image_grid,
     load_loras_into_pipeline,
 )
-from ..toy.scenes import parse_caption, render
+from ..toy.scenes import parse_caption, reference_scenes
 from ..toy.world import TOY_GUIDANCE
 from . import metrics
 from .report import plot_quality_vs_steps, results_markdown
@@ -50,6 +50,7 @@ from .specs import (
     STUDENT_STEPS,
     TEACHER_STEPS,
     MethodSpec,
+    baseline_for,
     SpecError,
     parse_method,
     resolve_method,
@@ -66,8 +67,8 @@ def are_toy_prompts(prompts: list[str]) -> bool:
 
 
 def toy_reference_images(prompts: list[str], seed: int = metrics.REFERENCE_SEED) -> np.ndarray:
-    """Real rendered scenes for the same prompts (jittered), the reference set of Inception FID on toy prompts."""
-    return np.stack([render(parse_caption(p), rng=np.random.default_rng(seed + i)) for i, p in enumerate(prompts)])
+    """One rendered scene per prompt (open attributes drawn freely): the reference set of Inception FID on toy prompts."""
+    return reference_scenes(prompts, 1, seed=seed)
 
 
 def load_reference_images(directory: str | Path, size: tuple[int, int]) -> np.ndarray:
@@ -89,8 +90,7 @@ def cell_metrics(images: np.ndarray, prompts: list[str], toy: bool, inception_we
                  reference_images: np.ndarray | None = None, reference_reason: str | None = None) -> dict:
     cell: dict = {"unavailable": {}}
     if toy:
-        cell.update(metrics.prompt_accuracy(images, prompts))
-        cell["toy_fid"] = metrics.toy_fid(images) if len(images) >= 2 else None
+        cell.update(metrics.toy_metrics(images, prompts))
         if cell["toy_fid"] is None:
             cell["unavailable"]["toy_fid"] = "toy-FID needs at least 2 images"
     else:
@@ -127,9 +127,12 @@ def evaluate(out_dir: str | Path, methods: list[str | MethodSpec] = ("teacher",)
              student_steps=STUDENT_STEPS, teacher_steps=TEACHER_STEPS, teacher_guidance: float | None = None,
              inception_weights: str | None = None, clip_model: str | None = None,
              reference_images: str | None = None, grid_prompts: int = 8, batch_size: int = 64,
-             device: str | None = None, dtype: torch.dtype | None = None, verbose: bool = True) -> dict:
+             device: str | None = None, dtype: torch.dtype | None = None, verbose: bool = True,
+             baselines: bool = True) -> dict:
     """Evaluate each method at each of its step counts; write ``results.json``, ``results.md``,
-    ``quality_vs_steps.png`` and ``grid-<method>.png`` into ``out_dir``; return the results dict."""
+    ``quality_vs_steps.png`` and ``grid-<method>.png`` into ``out_dir``; return the results dict. With
+    ``baselines`` (the default), each student is followed by ``<student>-base``: the base model with no adapter
+    under the student's sampler, steps and guidance."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(prompts, str):
@@ -144,6 +147,15 @@ def evaluate(out_dir: str | Path, methods: list[str | MethodSpec] = ("teacher",)
     if len(set(names)) != len(names):
         raise SpecError(f"method names must be distinct, got {names}; name them with NAME=...")
     resolved = [resolve_method(s, teacher_steps, student_steps, teacher_guidance) for s in specs]
+    if baselines:  # each student is followed by the base model under its own sampler and guidance
+        taken = set(names)
+        with_base = []
+        for spec, res in zip(specs, resolved):
+            with_base.append((spec, res))
+            if spec.loras and baseline_for(res)["name"] not in taken:
+                base = baseline_for(res)
+                with_base.append((MethodSpec(base["name"]), base))
+        specs, resolved = [s for s, _ in with_base], [r for _, r in with_base]
 
     ref_images, ref_reason, ref_source = None, None, None
     if inception_weights is not None:
@@ -189,13 +201,15 @@ def evaluate(out_dir: str | Path, methods: list[str | MethodSpec] = ("teacher",)
             cells[str(steps)] = cell
             rows.append(images[:grid_prompts])
             if verbose:
-                acc = cell.get("prompt_accuracy")
+                acc, fid = cell.get("prompt_accuracy"), cell.get("toy_fid")
                 print(f"{spec.name:>12s} {res['sampler']:>7s} {steps:3d} steps: "
-                      + (f"prompt_acc {acc:.3f} toy_fid {cell['toy_fid']:.2f} " if acc is not None else "")
+                      + (f"prompt_acc {acc:.3f} " if acc is not None else "")
+                      + (f"toy_fid {fid:.2f} precision {cell['precision']:.2f} recall {cell['recall']:.2f} "
+                         if fid is not None else "")
                       + f"{sec:.4f} s/img", flush=True)
         results["methods"][spec.name] = {**res, "cells": cells}
         grid = image_grid(rows, row_labels=[f"{s} steps" for s in res["steps"]],
-                          col_labels=[p.replace("a ", "", 1) for p in prompt_list[:grid_prompts]], scale=3)
+                          col_labels=list(prompt_list[:grid_prompts]), scale=3)
         grid_path = out / f"grid-{_file_safe(spec.name)}.png"
         grid.save(grid_path)
         grids[spec.name] = grid_path.name

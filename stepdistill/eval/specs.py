@@ -135,3 +135,10 @@ def resolve_method(spec: MethodSpec, teacher_steps, student_steps, teacher_guida
             "lora_methods": sorted(kinds)}
 
 
+
+
+def baseline_for(resolved: dict) -> dict:
+    """The honest baseline of a resolved student: the base model with no adapter, under the student's own sampler,
+    steps, guidance, windows and eta (named ``<student>-base``)."""
+    return {**resolved, "name": f"{resolved['name']}-base", "loras": [], "lora_methods": [],
+            "baseline_of": resolved["name"]}

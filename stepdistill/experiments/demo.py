@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text
 from ..eval import metrics
 from ..models.pipeline import load_pipeline
 from ..sampling import generate, image_grid, load_loras_into_pipeline, set_scheduler
@@ -21,6 +21,7 @@ from ..training.loop import train
 from .reflow_demo import run_reflow_demo
 
 STUDENT_STEPS = (8, 4, 2, 1)
+BASELINE_GRID_STEPS = (2, 1)  # baseline rows shown in the grid (all steps are in the report)
 
 
 def evaluate_cell(pipe, prompts, steps, guidance, seed=0):
@@ -51,12 +52,26 @@ def lcd_scheduler(pipe):
     set_scheduler(pipe, "lcm")
 
 
-def format_report(report: dict) -> str:
-    lines = [f"{'method':8s} {'steps':>5s} {'prompt_acc':>10s} {'toy_fid':>8s} {'s/img':>8s}"]
+def _report_rows(report: dict):
+    """(label, cells) of every table block: the teacher, each student, and each student's baseline."""
     for method, cells in report.items():
+        if method == "baseline":
+            continue
+        yield method, cells
+        if method in report.get("baseline", {}):
+            yield f"{method}:base", report["baseline"][method]
+
+
+def format_report(report: dict) -> str:
+    """The demo table: each student's rows followed by its baseline (the base model, no adapter, the student's
+    own sampler and guidance, same steps)."""
+    lines = [f"{'method':12s} {'steps':>5s} {'prompt_acc':>10s} {'toy_fid':>8s} {'prec':>5s} {'recall':>6s} "
+             f"{'s/img':>8s}"]
+    for method, cells in _report_rows(report):
         for steps, c in sorted(((k, v) for k, v in cells.items() if k.isdigit()), key=lambda kv: -int(kv[0])):
             extra = f" straightness {c['straightness']:.4f}" if "straightness" in c else ""
-            lines.append(f"{method:8s} {steps:>5s} {c['prompt_accuracy']:10.3f} {c['toy_fid']:8.2f} "
+            lines.append(f"{method:12s} {steps:>5s} {c['prompt_accuracy']:10.3f} {c['toy_fid']:8.2f} "
+                         f"{c.get('precision', float('nan')):5.2f} {c.get('recall', float('nan')):6.2f} "
                          f"{c['sec_per_image']:8.4f}{extra}")
     return "\n".join(lines)
 
@@ -64,7 +79,7 @@ def format_report(report: dict) -> str:
 def distill_lcd(out_dir: Path, device: str | None = None, **overrides) -> tuple[Path, float]:
     """Train the packaged toy LCM-LoRA recipe (``configs/toy-lcm-lora.yaml``) into ``out_dir``."""
     t0 = time.perf_counter()
-    path = train(load_config(toy_recipe("lcm-lora"), output_dir=str(out_dir), **overrides))
+    path = train(load_config(toy_recipe("lcm-lora"), output_dir=str(out_dir), overwrite=True, **overrides))
     return path, time.perf_counter() - t0
 
 
@@ -82,7 +97,13 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
         grid_rows.append(imgs[:grid_prompts])
         labels.append(f"teacher DDIM {steps}")
 
+    baseline = report["baseline"] = {}
     if method in ("lcd", "all"):
+        # the honest baseline: the base model with no adapter under the student's own sampler and guidance
+        baseline["lcd"], rows = evaluate_student(pipe, prompts, lcd_scheduler, seed=seed)
+        for steps in BASELINE_GRID_STEPS:
+            grid_rows.append(rows[steps][:grid_prompts])
+            labels.append(f"base LCM {steps}")
         lora_dir, train_seconds = distill_lcd(out / "lora", device=device, **(lcd_overrides or {}))
         student = load_pipeline("toy", device=device)
         load_loras_into_pipeline(student, [(str(lora_dir), 1.0)])  # stock load_lora_weights + layer check
@@ -93,25 +114,30 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
             labels.append(f"LCM-LoRA {steps}")
 
     if method in ("reflow", "all"):
-        cells, rows = run_reflow_demo(out, prompts, device=device, seed=seed, **(reflow_overrides or {}))
+        cells, rows, baseline["reflow"], base_rows = run_reflow_demo(out, prompts, device=device, seed=seed,
+                                                                     **(reflow_overrides or {}))
+        for steps in BASELINE_GRID_STEPS:
+            grid_rows.append(base_rows[steps][:grid_prompts])
+            labels.append(f"base flow {steps}")
         report["reflow"] = cells
         for steps, imgs in rows.items():
             grid_rows.append(imgs[:grid_prompts])
             labels.append(f"reflow {steps}")
 
-    grid = image_grid(grid_rows, row_labels=labels, col_labels=[p.replace("a ", "", 1) for p in prompts[:grid_prompts]],
+    grid = image_grid(grid_rows, row_labels=labels, col_labels=list(prompts[:grid_prompts]),
                       scale=3)
     grid.save(out / "grid.png")
+    atomic_write_json(out / "grid.json", {"columns": list(prompts[:grid_prompts]), "rows": labels})
     report_path = out / "report.json"
     if report_path.exists():  # keep the other methods' entries of an earlier run into the same DIR
         try:
             earlier = json.loads(report_path.read_text())
         except json.JSONDecodeError:
             earlier = {}
-        report = {**earlier, **report}  # dict order: the earlier run's methods first, then this run's new ones
+        report = {**earlier, **report, "baseline": {**earlier.get("baseline", {}), **baseline}}  # dict order: the earlier run's methods first, then this run's new ones
     atomic_write_text(report_path, json.dumps(report, indent=2))
     text = format_report(report)
     (out / "report.txt").write_text(text + "\n")
     print(text)
-    print(f"wrote {out / 'grid.png'}, {out / 'report.json'}")
+    print(f"wrote {out / 'grid.png'} (prompts in grid.json), {out / 'report.json'}")
     return report

@@ -27,18 +27,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from .. import lora
 from ..eval import metrics
-from ..models.pipeline import load_pipeline
-from ..models.pipeline import load_component
+from ..models.pipeline import load_component, load_pipeline
 from ..sampling import generate, image_grid, load_lora_adapter, lora_file, set_scheduler
 from ..toy.scenes import SIZES
 from ..toy.world import TOY_GUIDANCE, TOY_TEACHER_DIR, evaluation_prompts
-from .style import (denoising_finetune, encode_scene_pool, reference_strengths, sample_styled_scenes,
-                    style_strength)
+from .style import (
+    denoising_finetune,
+    encode_scene_pool,
+    reference_strengths,
+    sample_styled_scenes,
+    style_prompts,
+    style_strength,
+)
 
 TOY_WEIGHTS = TOY_TEACHER_DIR.parent
 # Where committed toy adapters would live (the tests look here and skip when they are absent).
@@ -91,7 +95,7 @@ def evaluate_cell(pipe, names, prompts, cell: Cell, seed: int = 0, fid: bool = T
            "weights": dict(cell.weights), **metrics.prompt_accuracy(images, prompts),
            "style_strength": style_strength(images, style), "sec_per_image": sec}
     if fid:
-        out["toy_fid"] = metrics.toy_fid(images)
+        out["toy_fid"] = metrics.toy_fid(images, prompts)
     return out, images
 
 
@@ -120,7 +124,7 @@ def stack_sweep(base: str, style_lora: str, accel_lora: str, out_dir: str | Path
     guidance = TOY_GUIDANCE if guidance is None else guidance
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = evaluation_prompts(n_prompts, seed=seed)
+    prompts = style_prompts(n_prompts, seed=seed)  # one shape on a plain background: what the style measure reads
     pipe = load_pipeline(base, device=device)
     names = ["accel", "style"]
     adapters = load_stack(pipe, {"accel": accel_lora, "style": style_lora})
@@ -155,7 +159,7 @@ def stack_sweep(base: str, style_lora: str, accel_lora: str, out_dir: str | Path
     show = ["base", "style 1", f"style 1 ddim{steps}"] + [f"accel {a:g}" for a in accel_weights[-1:]]
     show += [c.label for c in cells if c.label.startswith("accel ") and "+" in c.label]
     grid = image_grid([rows[k] for k in show], row_labels=show,
-                      col_labels=[p.replace("a ", "", 1) for p in prompts[:grid_prompts]], scale=3)
+                      col_labels=list(prompts[:grid_prompts]), scale=3)
     grid.save(out / "grid.png")
     return report
 
@@ -164,7 +168,7 @@ def stack_markdown(report: dict) -> str:
     ref = report["style_strength_real"]
     lines = [
         "# Stacking: acceleration LoRA + style LoRA (toy world)", "",
-        f"Base `{report['base']}`, {report['n_prompts']} prompts (`evaluation_prompts(n, seed={report['seed']})`), "
+        f"Base `{report['base']}`, {report['n_prompts']} prompts (`style_prompts(n, seed={report['seed']})`), "
         f"same per-image seeds in every cell. Reference cells: DDIM {report['ref_steps']} steps, guidance "
         f"{report['guidance']}; accelerated cells: LCMScheduler {report['steps']} steps, guidance 1.", "",
         f"Style `{report['style']}`. Strength on real renders ({ref['n']} scenes): unstyled {ref['unstyled']:.3f}, "
@@ -304,7 +308,7 @@ def transfer_eval(base: str, finetuned: str, accel_lora: str, out_dir: str | Pat
                      f"{r['style_strength']:.3f} | {r['mean_abs_pixel_diff_vs_base']:.4f} | {r['sec_per_image']:.4f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     grid = image_grid(list(rows.values()), row_labels=list(rows),
-                      col_labels=[p.replace("a ", "", 1) for p in prompts[:grid_prompts]], scale=3)
+                      col_labels=list(prompts[:grid_prompts]), scale=3)
     grid.save(out / "grid.png")
     return report
 

@@ -1,16 +1,15 @@
 """A style the toy teacher never saw, a way to measure it, and a style LoRA trained on it.
 
-Style ``"hollow"`` (the default; line-art): every shape is drawn as its contour only, a band 3 px wide at
-32x32 inside the shape's edge, in the shape's colour; the interior shows the background. Thin parts (the
-arms of small crosses, < 6 px wide) stay solid. Two colours per image, like the base world, so the toy VAE
-can carry it (measured below). Style ``"outline"``: a 2 px black contour (white on the black background)
-around the solid shape -- the toy VAE cannot reproduce three-colour edges (outline strength 0.87 on renders,
-~0.00 after a VAE encode/decode), so no latent model can learn it; it is kept for reference.
+Style ``"hollow"`` (the default; line-art): every shape is drawn as its contour only, a band 5 px wide at
+64x64 inside the shape's edge, in the shape's colour; the interior shows the background. Thin parts (the
+arms of small crosses) stay solid. Style ``"outline"``: a 4 px dark contour (light on the black background)
+around the solid shape, kept for reference (three-colour edges are hard for the toy VAE).
 
-Both are rendered by post-processing :mod:`stepdistill.toy.scenes`: the same jitter draws, in the same order,
-as ``scenes.render``, so ``render_styled(scene, rng=..., style="none")`` is bit-identical to
-``scenes.render`` (a test holds it to that); contours are cut from the same 4x supersampled shape mask by
-morphological erosion/dilation.
+Styled scenes have one shape on a plain background (the pixel measures below need one centroid and a flat
+border), and are
+rendered from the same pieces as :func:`stepdistill.toy.scenes.render` (grid, background, shape mask), so
+``render_styled(scene, style="none")`` is bit-identical to ``scenes.render(scene)`` (a test holds it to
+that); contours are cut from the 2x supersampled shape mask by morphological erosion/dilation.
 
 Style strength (:func:`style_strength`), from pixels alone (no scene labels); ``d`` = max channel difference:
 
@@ -51,9 +50,10 @@ from ..toy.teacher import encode_pool, images_to_tensor
 
 STYLES = ("none", "hollow", "outline")
 DEFAULT_STYLE = "hollow"
-HOLLOW_WIDTH = 3.0     # px at the render resolution: contour band inside the shape edge
-OUTLINE_OUTSIDE = 1.0  # px at the render resolution, outside the shape edge
-OUTLINE_INSIDE = 1.0   # px inside it
+HOLLOW_WIDTH = 5.0     # px at the render resolution (64): contour band inside the shape edge
+OUTLINE_OUTSIDE = 2.0  # px at the render resolution, outside the shape edge
+OUTLINE_INSIDE = 2.0   # px inside it
+BACKGROUNDS_BASE = {k: v[0] for k, v in S.BACKGROUNDS.items()}  # base grey of each background
 INK_DARK = (0.05, 0.05, 0.05)
 INK_LIGHT = (0.95, 0.95, 0.95)
 FOREGROUND_THRESHOLD = 0.25
@@ -94,61 +94,49 @@ def ink_for_background(bg) -> np.ndarray:
     return np.array(INK_DARK if lum > 0.25 else INK_LIGHT)
 
 
-def render_styled(scene, resolution: int = 32, rng: np.random.Generator | None = None, supersample: int = 4,
-                  style: str = DEFAULT_STYLE) -> np.ndarray:
+def render_styled(scene, resolution: int = S.RESOLUTION, supersample: int = 2, style: str = DEFAULT_STYLE) -> np.ndarray:
     """``scenes.render`` with a style applied; ``style="none"`` reproduces ``scenes.render`` exactly."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; one of {STYLES}")
-    n = resolution * supersample
-    coords = (np.arange(n) + 0.5) / n
-    xs, ys = np.meshgrid(coords, coords)
-    cx, cy = S.POSITIONS[scene.position]
-    r = S.SIZES[scene.size]
-    fg = np.array(S.COLORS[scene.color])
-    bg = np.array(S.BACKGROUNDS[scene.background])
-    if rng is not None:  # the same draws, in the same order, as scenes.render
-        cx += rng.uniform(-0.04, 0.04)
-        cy += rng.uniform(-0.04, 0.04)
-        r *= rng.uniform(0.92, 1.08)
-        fg = np.clip(fg + rng.uniform(-0.04, 0.04, 3), 0, 1)
-        bg = np.clip(bg + rng.uniform(-0.04, 0.04, 3), 0, 1)
-    shape = S._shape_mask(scene.shape, xs, ys, cx, cy, r)
-
-    def coverage(m):
-        return m.astype(np.float32).reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))[..., None]
-
+    xs, ys = S.sample_grid(resolution, supersample)
+    bg = np.repeat(S.background_grey(scene, xs, ys)[..., None], 3, axis=-1)
+    shape = S.shapes_mask(scene, xs, ys)
+    fg = S.shape_colour(scene)
     if style == "none":
-        mask = coverage(shape)
-        img = mask * fg + (1 - mask) * bg
+        img = np.where(shape[..., None], fg, bg)
     elif style == "hollow":
-        mask = coverage(shape & ~_erode(shape, int(round(HOLLOW_WIDTH * supersample))))
-        img = mask * fg + (1 - mask) * bg
+        band = shape & ~_erode(shape, int(round(HOLLOW_WIDTH * supersample)))
+        img = np.where(band[..., None], fg, bg)
     else:
         outer = _dilate(shape, int(round(OUTLINE_OUTSIDE * supersample)))
         inner = _erode(shape, int(round(OUTLINE_INSIDE * supersample)))
-        ring = outer & ~inner
-        ink = ink_for_background(S.BACKGROUNDS[scene.background])
-        c_in, c_ring = coverage(inner), coverage(ring)
-        img = c_in * fg + c_ring * ink + (1 - c_in - c_ring) * bg
-    return np.round(img * 255).clip(0, 255).astype(np.uint8)
+        ink = ink_for_background([BACKGROUNDS_BASE[scene.background]] * 3)
+        img = np.where((outer & ~inner)[..., None], ink, np.where(inner[..., None], fg, bg))
+    return S.downsample(img, resolution, supersample)
 
 
-def sample_styled_scenes(n: int, seed: int, resolution: int = 32, style: str = DEFAULT_STYLE,
+def styleable(scene) -> bool:
+    """Scenes the style measures read reliably: one shape on a plain background."""
+    return scene.texture == "plain" and scene.count == "one"
+
+
+def style_prompts(n: int, seed: int) -> list[str]:
+    """``n`` captions of styleable scenes (one shape) naming a plain background: the prompts style is measured on."""
+    _, scenes = sample_styled_scenes(n, seed, style="none")
+    return [S.caption_of({**{k: getattr(s, k) for k in s.named}, "texture": "plain"}) for s in scenes]
+
+
+def sample_styled_scenes(n: int, seed: int, resolution: int = S.RESOLUTION, style: str = DEFAULT_STYLE,
                          where=None) -> tuple[np.ndarray, list]:
-    """Like ``scenes.sample_scenes`` (same scenes and jitter for the same seed), rendered in ``style``.
-    ``where(scene) -> bool`` keeps only matching scenes (drawing until ``n`` are found)."""
+    """``n`` one-shape scenes from ``seed`` on plain backgrounds (the style measures need one centroid and a flat
+    border), rendered in ``style``. ``where(scene) -> bool`` keeps only matching scenes too (drawing until ``n`` are found)."""
     rng = np.random.default_rng(seed)
-    if where is None:
-        scenes = [S.random_scene(rng) for _ in range(n)]
-        return np.stack([render_styled(s, resolution, rng, style=style) for s in scenes]), scenes
-    scenes, images = [], []
+    scenes = []
     while len(scenes) < n:
         s = S.random_scene(rng)
-        img = render_styled(s, resolution, rng, style=style)  # draw jitter for every scene: stream stays aligned
-        if where(s):
+        if styleable(s) and (where is None or where(s)):
             scenes.append(s)
-            images.append(img)
-    return np.stack(images), scenes
+    return np.stack([render_styled(s, resolution, style=style) for s in scenes]), scenes
 
 
 # ----------------------------------------------------------------------------------------------- measuring

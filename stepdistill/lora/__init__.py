@@ -16,7 +16,8 @@ Modules:
 * :mod:`.metadata` -- the ``ss_*`` / ``modelspec.*`` / ``stepdistill.*`` header;
   :mod:`.base_model_tags` -- base-model tags and inferring them from a file;
 * :mod:`.verify` -- layer-by-layer load verification; :mod:`.export` / :mod:`.inspect` -- conversion
-  and description (``stepdistill export`` / ``inspect``); :mod:`.trained` -- writing a training run's adapter.
+  and description (``stepdistill export`` / ``inspect``); :mod:`.trained` -- writing a training run's adapter;
+  :mod:`.tools` -- which tools apply which layout.
 
 Model-family knowledge (default targets, which denoiser a pipeline has) is :mod:`stepdistill.models.family`'s.
 """
@@ -39,6 +40,7 @@ from .layers import LoraLayers, lora_delta, pairs_to_layers
 from .metadata import build_metadata, stepdistill_metadata
 from .peft_adapter import add_lora_to_unet, init_adapter_from_file, unet_lora_state_dict
 from .save import save_lora
+from .tools import DIFFUSERS_LAYOUT_NOTE, TOOL_SUPPORT, loads_fully_in
 from .trained import save_trained_adapter
 from .verify import LoraLoadReport, verify_lora_loaded
 
@@ -50,5 +52,5 @@ __all__ = [
     "lora_layers_from_state_dict", "module_type", "open_safetensors", "pairs_to_layers", "read_adapter",
     "read_lora", "read_lora_layers", "resolve_lora_file", "save_lora", "save_trained_adapter", "split_module_name",
     "stepdistill_metadata", "to_diffusers", "to_kohya", "unet_lora_state_dict", "verify_lora_loaded",
-    "write_adapter",
+    "write_adapter", "DIFFUSERS_LAYOUT_NOTE", "TOOL_SUPPORT", "loads_fully_in",
 ]

@@ -15,6 +15,7 @@ from .diffusers_layout import FOLDED_ALPHA_KEY
 from .export import read_adapter
 from .flow_formats import comfy_unmapped
 from .metadata import stepdistill_metadata
+from .tools import TOOL_SUPPORT, loads_fully_in
 
 # Module types reported by inspect (longest matching suffix wins).
 _MODULE_TYPES = sorted(
@@ -68,6 +69,8 @@ def inspect_lora(path: str | os.PathLike, base=None) -> dict[str, Any]:
         "title": md.get("modelspec.title", ""),
         "stepdistill": stepdistill_metadata(md),
         "metadata_keys": len(md),
+        "loads_fully_in": loads_fully_in(adapter.format),
+        "tool_support": TOOL_SUPPORT.get(adapter.format, {}),
     }
     if how.startswith("metadata"):
         shape_family, shape_how = infer_family(layers, adapter.component, {}, model)
@@ -96,6 +99,9 @@ def format_inspection(info: Mapping[str, Any]) -> str:
         f"alpha       {counts(info['alphas'])} (scale alpha/rank: {counts(info['scales_alpha_over_rank'])}"
         + ("; folded into lora_B" if info["alpha_folded"] else "") + ")",
         f"dtype       {counts(info['dtypes'])}",
+        "loads fully " + (", ".join(info["loads_fully_in"]) or "not measured for this layout")
+        + "".join(f"\n            {tool}: {how}" for tool, how in info["tool_support"].items()
+                  if not how.startswith("all layers")),
     ]
     if info.get("title"):
         lines.append(f"title       {info['title']}")

@@ -2,6 +2,7 @@
 its base family's tools load."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -11,6 +12,7 @@ from .export import write_adapter
 from .flow_formats import comfy_unmapped
 from .peft_adapter import unet_lora_state_dict
 from .save import save_lora
+from .tools import DIFFUSERS_LAYOUT_NOTE
 
 
 def save_trained_adapter(out, model, family_tag: str, metadata: dict, title: str, format: str = "kohya"):
@@ -26,6 +28,8 @@ def save_trained_adapter(out, model, family_tag: str, metadata: dict, title: str
     refused or dropped by diffusers 0.42.1. Layers ComfyUI does not map (custom targets) are written with a
     warning."""
     if family_tag not in FLOW_FAMILIES:
+        if format == "diffusers":
+            print(DIFFUSERS_LAYOUT_NOTE, file=sys.stderr)
         return save_lora(out, model, format=format, base_model_version=family_tag, metadata=metadata, title=title)
     layers = unet_lora_state_dict(model)
     unmapped = comfy_unmapped(layers, family_tag)

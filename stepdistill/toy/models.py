@@ -3,7 +3,7 @@
 Same classes and wiring as SD 1.5 (``AutoencoderKL``, ``CLIPTextModel``, ``UNet2DConditionModel`` with
 cross-attention, the ``scaled_linear`` 0.00085-0.012 noise schedule over 1000 steps, epsilon
 prediction, a 77-token text context and 4 latent channels), only narrower and shallower so it trains
-and samples on a CPU. The VAE downsamples 4x (3 blocks), so 32x32 images have 8x8x4 latents. The UNet
+and samples on a CPU. The VAE downsamples 8x like SD's (4 blocks), so 64x64 images have 8x8x4 latents. The UNet
 keeps every module type SD's LoRA recipes target (to_q/k/v/out, proj_in/out, ff, conv1/2,
 conv_shortcut, time_emb_proj, down/upsamplers).
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-RESOLUTION = 32
+RESOLUTION = 64
+LATENT_SIZE = 8
 LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
 
@@ -36,9 +37,9 @@ def build_vae(scaling_factor: float = 1.0):
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
@@ -66,12 +67,12 @@ def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, pa
 
 def build_unet():
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 4,
+        sample_size=LATENT_SIZE,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=(48, 96),
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=8,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from .scenes import all_scenes
+from .scenes import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77  # SD's text context length
@@ -66,10 +66,7 @@ def learn_bpe(words: collections.Counter) -> list[tuple[str, str]]:
 
 
 def caption_word_counts() -> collections.Counter:
-    counts = collections.Counter()
-    for scene in all_scenes():
-        counts.update(scene.caption.lower().split())
-    return counts
+    return collections.Counter(vocabulary())
 
 
 def build_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:

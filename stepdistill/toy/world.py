@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenes import all_scenes
+from .scenes import random_scene
 
 TOY_TEACHER_DIR = Path(__file__).parent / "weights" / "teacher"
 TOY_RECIPES_DIR = Path(__file__).parent / "recipes"  # the toy YAML recipes (configs/toy-*.yaml link here)
 # Sampler settings the toy teacher was evaluated with (measured in RESULTS: see README).
-TOY_GUIDANCE = 5.0
+TOY_GUIDANCE = 2.0
 TOY_TEACHER_STEPS = 50
 
 
@@ -31,7 +31,7 @@ def toy_recipe(name: str) -> Path:
 
 
 def evaluation_prompts(n: int, seed: int = 0) -> list[str]:
-    """A fixed, seeded set of ``n`` toy prompts (distinct while n <= 720), for evaluation."""
-    scenes = all_scenes()
-    order = np.random.default_rng(seed).permutation(len(scenes))
-    return [scenes[order[i % len(scenes)]].caption for i in range(n)]
+    """A fixed, seeded set of ``n`` toy prompts drawn from the world's caption distribution (each names count,
+    colour and shape, and each other attribute with probability 1/2), for evaluation."""
+    rng = np.random.default_rng(10_000 + seed)
+    return [random_scene(rng).caption for _ in range(n)]
