@@ -13,10 +13,10 @@ gets saved. Deterministic from the seed on a given machine and torch version.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,7 @@ class TeacherRecipe:
     freeze_text_encoder: bool = True  # SD's way: a fixed text encoder (here: seeded random init, see below)
     text_embedding_std: float = 0.5   # token-embedding scale of the frozen encoder (CLIP's init: 0.02)
     min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weighting min(SNR, gamma) / SNR (Hang et al. 2023, eq. 7)
-    resume_from: str = ""    # a toy pipeline directory: keep its VAE, continue its text encoder + UNet
+    resume_from: str = ""    # a toy pipeline directory: keep its VAE, continue its UNet (and its text encoder if not frozen)
     seed_offset: int = 0     # shifts the pool and batch seeds of a continued run (so it sees new scenes)
 
 
@@ -173,6 +173,7 @@ def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe:
         text_encoder.requires_grad_(False)
     elif recipe.resume_from:
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(recipe.resume_from, subfolder="text_encoder").state_dict())
+    if recipe.resume_from:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(recipe.resume_from, subfolder="unet").state_dict())
     dev = torch.device(recipe.device)
     text_encoder.to(dev)
@@ -199,9 +200,7 @@ def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe:
         idx = torch.randint(0, len(lat_mean), (recipe.unet_batch,), generator=gen)
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * vae_scaling
         variant = torch.randint(0, n_var, (len(idx),), generator=gen)
-        batch_ids = ids[idx, variant].clone()
         drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
-        batch_ids[drop] = empty_ids
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -211,6 +210,8 @@ def train_text_and_unet(lat_mean, lat_std, captions, vae_scaling: float, recipe:
             context = contexts[rows_dev[idx.to(dev), variant.to(dev)]]
             context[drop.to(dev)] = empty_context
         else:
+            batch_ids = ids[idx, variant].clone()
+            batch_ids[drop] = empty_ids
             context = text_encoder(batch_ids.to(dev))[0]
         pred = unet(noisy, t, context).sample
         loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
