@@ -43,25 +43,33 @@ def toy_classifier():
 
 
 @torch.no_grad()
-def classify(images, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Predicted class index per attribute for each image, and ``real``: the probability of being a scene."""
+def judge(images, batch_size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One pass of the toy classifier: its features (float64) and its predictions (see :func:`classify`)."""
     x = to_unit_tensor(images)
     model = toy_classifier()
-    outs = {k: [] for k in (*ATTRIBUTES, "real")}
+    feats, outs = [], {k: [] for k in (*ATTRIBUTES, "real")}
     for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size])
-        for k in ATTRIBUTES:
-            outs[k].append(logits[k].argmax(1).numpy())
-        outs["real"].append(logits["real"].softmax(1)[:, 1].numpy())
-    return {k: np.concatenate(v) for k, v in outs.items()}
+        f = model.features(x[i:i + batch_size])
+        feats.append(f)
+        for k, head in model.heads.items():
+            logits = head(f)
+            outs[k].append((logits.softmax(1)[:, 1] if k == "real" else logits.argmax(1)).numpy())
+    return torch.cat(feats).double().numpy(), {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def prompt_accuracy(images, prompts: list[str]) -> dict[str, float]:
+def classify(images, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Predicted class index per attribute for each image, and ``real``: the probability of being a scene."""
+    return judge(images, batch_size)[1]
+
+
+def prompt_accuracy(images, prompts: list[str], predicted: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Share of images in which every attribute the prompt names is read back (``prompt_accuracy``), each
-    attribute's accuracy over the prompts naming it (``acc_<attribute>``), and the mean ``real`` probability."""
+    attribute's accuracy over the prompts naming it (``acc_<attribute>``), and the mean ``real`` probability.
+    ``predicted``: :func:`classify`'s output for ``images`` when already computed."""
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-    predicted = classify(images)
+    if predicted is None:
+        predicted = classify(images)
     specs = [parse_caption(p) for p in prompts]
     match = np.ones(len(prompts), dtype=bool)
     out = {}
@@ -75,11 +83,8 @@ def prompt_accuracy(images, prompts: list[str]) -> dict[str, float]:
     return {"prompt_accuracy": float(match.mean()), **out, "real": float(predicted["real"].mean())}
 
 
-@torch.no_grad()
 def toy_features(images, batch_size: int = 256) -> np.ndarray:
-    x = to_unit_tensor(images)
-    model = toy_classifier()
-    return torch.cat([model.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+    return judge(images, batch_size)[0]
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -138,10 +143,10 @@ def toy_fid(images, prompts: list[str] | None = None) -> float:
 def toy_metrics(images, prompts: list[str]) -> dict[str, float]:
     """Prompt accuracy (every named attribute), conditional toy-FID, precision and recall of ``images``
     generated one per prompt. FID, precision and recall need at least 2 images (``None`` below that)."""
-    out = prompt_accuracy(images, prompts)
+    feats, predicted = judge(images)  # one classifier pass for accuracy, FID and precision/recall
+    out = prompt_accuracy(images, prompts, predicted)
     if len(images) < 2:
         return {**out, "toy_fid": None, "precision": None, "recall": None}
-    feats = toy_features(images)
     ref = reference_features(prompts)
     out["toy_fid"] = frechet_distance(feats, ref)
     one_per_prompt = ref[::REFERENCE_PER_PROMPT]  # as many reference points as generated ones
