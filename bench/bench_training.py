@@ -43,6 +43,7 @@ def toolkit_trainer(config, device: torch.device, pipe=None):
 
     from stepdistill.methods import build_objective
     from stepdistill.models.pipeline import load_pipeline
+    from stepdistill.training.batches import make_dataloader
     from stepdistill.training.loop import setup_adapter_and_optimizer, step_generator, training_step
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
@@ -54,13 +55,15 @@ def toolkit_trainer(config, device: torch.device, pipe=None):
     objective = build_objective(config, pipe, accelerator)  # builds the latent/text cache
     cache_seconds = time.perf_counter() - t0
     params, optimizer, lr_scheduler = setup_adapter_and_optimizer(config, unet, accelerator)  # train()'s own setup
-    wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    loader = make_dataloader(objective.dataset, config.train_batch_size, config.seed)  # train()'s DataLoader
+    wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    batches = iter(loader)
     wrapped.train()
     state = {"step": 0}
 
     def step():  # train()'s loop body (gradient_accumulation_steps = 1)
         gen = step_generator(config.seed, state["step"], 0, accelerator.process_index)
-        training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
+        training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, next(batches), gen)
         state["step"] += 1
 
     return step, cache_seconds, pipe

@@ -187,7 +187,8 @@ def sampler_from_lora(metadatas: list[dict[str, str]]) -> tuple[str | None, int 
     """``(sampler, num_windows)`` the adapters were trained for, from their headers (written from the method's
     model card): ``"lcm"`` when an LCD adapter is among them, else ``"perflow"`` (with the header's window count)
     for reflow ones, ``(None, None)`` when no header tells (foreign LoRAs such as style adapters)."""
-    kinds = {m.get("stepdistill.method", "") for m in metadatas}
+    # an adversarial adapter names the method whose sampler it keeps in ``stepdistill.distillation``
+    kinds = {m.get("stepdistill.distillation") or m.get("stepdistill.method", "") for m in metadatas}
     if "lcd" in kinds:
         return "lcm", None
     if "reflow" in kinds:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "stepdistill"
 # another group of its own layer.
 LAYERS = [
     {"core": ["__init__", "errors", "atomic", "parametrization", "solvers", "lcd", "reflow", "ode",
-              "flow_scheduler"]},
+              "flow_scheduler", "adversarial"]},
     {"toy": ["toy"]},
     {"models": ["models"]},
     {"data": ["data"], "lora": ["lora"]},

@@ -3,10 +3,12 @@ states, per-sample determinism, crash/resume, argument checks, solvers, SD3-styl
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from stepdistill.methods import reflow_couplings as RC
 from stepdistill.cli import reflow as cli_reflow
@@ -55,7 +57,7 @@ def test_couplings_equal_the_stock_pipeline_with_the_student_scheduler(tiny_rand
     assert res.num_generated == 5 and len(res.shards_written) == 2 and res.couplings_per_second > 0
     cs = couplings_io.load_couplings(tmp_path / "c")
     m = cs.manifest
-    assert m["teacher"] == "vp" and m["prediction_type"] == prediction_type and m["completed"] == m["shards"]
+    assert m["teacher"] == "vp" and m["prediction_type"] == prediction_type and len(m["shards"]) >= 1
     noise, data, states = cs.tensor("noise"), cs.tensor("data"), cs.boundary_states(torch.arange(5))
     assert states.shape == (5, K + 1, 4, 8, 8)
 
@@ -78,11 +80,14 @@ def test_couplings_equal_the_stock_pipeline_with_the_student_scheduler(tiny_rand
     # noise i is torch.Generator().manual_seed(seed + i); the prompt table is deduplicated
     assert torch.equal(noise[3], torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))[0])
     assert m["prompts"] == ["a red circle", "a blue square", "a small green triangle", "a big red square"]
-    assert cs.prompt_index.tolist() == [0, 1, 0, 2, 3] and cs.uncond_index == 4
+    assert cs.prompt_index.tolist() == [0, 1, 0, 2, 3]
+    # embeddings per shard (shard_size 3): each shard's distinct prompts, then its unconditional row
+    assert cs.cond_row.tolist() == [0, 1, 0, 3, 4]
     with torch.no_grad():
-        e, _ = pipe.encode_prompt(m["prompts"] + [""], device="cpu", num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)
+        e, _ = pipe.encode_prompt(m["prompts"][:2] + [""] + m["prompts"][2:] + [""], device="cpu",
+                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
     torch.testing.assert_close(cs.prompt_embeds, e)
+    torch.testing.assert_close(cs.conditioning(torch.tensor([3]))["encoder_hidden_states"], e[3:4])
 
 
 def test_deterministic_per_sample_regardless_of_batch_size(tiny_random_pipe, tmp_path):
@@ -105,20 +110,20 @@ def test_crash_resumes_without_redoing_or_losing_shards(tiny_random_pipe, tmp_pa
     with pytest.raises(RC.CouplingInterrupted):
         RC.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
     first = out / "couplings-00000.safetensors"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["completed"] == [first.name] and not (out / "couplings-00001.safetensors").exists()
+    manifest_text = (out / "manifest.json").read_text()
+    assert "completed" not in json.loads(manifest_text)  # the shard headers are the done markers
+    assert first.exists() and not (out / "couplings-00001.safetensors").exists()
     with pytest.raises(errors.CouplingError, match="incomplete.*re-run"):
         couplings_io.load_couplings(out)
     stat, blob = first.stat(), first.read_bytes()
 
-    # a second crash after the shard file was renamed into place but before the manifest recorded it
+    # a second crash, and a damaged shard (a foreign file under a shard's name) that must be regenerated
     with pytest.raises(RC.CouplingInterrupted):
         RC.generate_couplings(tiny_random_pipe, PROMPTS, out, stop_after_shards=1, **kw)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["completed"] = manifest["completed"][:1]
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert (out / "manifest.json").read_text() == manifest_text  # written once, never rewritten
     second = out / "couplings-00001.safetensors"
     stat2 = second.stat()
+    (out / "couplings-00002.safetensors").write_bytes(b"not a shard")
 
     res = RC.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
     assert res.shards_skipped == [first.name, second.name] and res.shards_written == ["couplings-00002.safetensors"]
@@ -135,6 +140,59 @@ def test_crash_resumes_without_redoing_or_losing_shards(tiny_random_pipe, tmp_pa
     # finished: a rerun does nothing
     again = RC.generate_couplings(tiny_random_pipe, PROMPTS, out, **kw)
     assert again.num_generated == 0 and len(again.shards_skipped) == 3
+
+
+def test_two_workers_make_the_set_one_worker_makes(tiny_random_pipe, tmp_path):
+    """``--shard-index I --num-shards 2`` (two invocations on one directory) == one run; either half alone is an
+    incomplete set that names the fix; training reads several directories (a list or a glob) as one set."""
+    kw = {"num_steps": 2, "num_windows": 2, "guidance_scale": 2.0, "shard_size": 2, "batch_size": 2, "progress": False}
+    RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "one", **kw)
+    half = RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "two", shard_index=1, num_shards=2, **kw)
+    assert half.shards_written == ["couplings-00001.safetensors"]
+    with pytest.raises(errors.CouplingError, match="incomplete.*every --shard-index"):
+        couplings_io.load_couplings(tmp_path / "two")
+    other = RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "two", shard_index=0, num_shards=2, **kw)
+    assert other.shards_written == ["couplings-00000.safetensors", "couplings-00002.safetensors"]
+    a, b = couplings_io.load_couplings(tmp_path / "one"), couplings_io.load_couplings(tmp_path / "two")
+    for name in ("boundary_states", "noise", "data", "prompt_index", "seed", "index"):
+        assert torch.equal(a.tensor(name), b.tensor(name)), name
+    assert (tmp_path / "one" / "manifest.json").read_text() == (tmp_path / "two" / "manifest.json").read_text()
+    lazy = couplings_io.load_couplings(tmp_path / "two", max_in_memory_bytes=0)  # read per row from the shards
+    assert not lazy.in_memory and lazy.prompt_embeds is None
+    for i in (0, 3, 4):
+        assert torch.equal(lazy[i]["states"], a[i]["states"])
+        assert torch.equal(lazy[i]["cond"]["encoder_hidden_states"], a[i]["cond"]["encoder_hidden_states"])
+    with pytest.raises(errors.CouplingError, match="shard-index"):
+        RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "x", shard_index=2, num_shards=2, **kw)
+    # version 1 sets (``data`` and all K + 1 ``boundary_states`` stored) read back the same
+    v1 = tmp_path / "v1"
+    shutil.copytree(tmp_path / "one", v1)
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    (v1 / "manifest.json").write_text(json.dumps({**manifest, "version": 1, "embeddings": "embeddings.safetensors"}))
+    table = torch.zeros((len(manifest["prompts"]) + 1, *a.prompt_embeds.shape[1:]))
+    for name in manifest["shards"]:
+        with safe_open(str(v1 / name), framework="pt") as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        start = parametrization.vp_state_to_flow(t["noise"], manifest["sigma_max"])
+        t["boundary_states"] = torch.cat([start[:, None], t.pop("later_states")], 1)
+        t["data"] = t["boundary_states"][:, -1].clone()
+        table[t["prompt_index"]] = t.pop("emb_prompt_embeds")[t.pop("prompt_row")]
+        save_file(t, str(v1 / name), metadata=meta)
+    save_file({"prompt_embeds": table}, str(v1 / "embeddings.safetensors"))
+    old = couplings_io.load_couplings(v1)
+    assert torch.equal(old.tensor("boundary_states"), a.tensor("boundary_states"))
+    assert torch.equal(old[3]["states"], a[3]["states"]) and torch.equal(old.tensor("data"), a.tensor("data"))
+    assert torch.equal(old[3]["cond"]["encoder_hidden_states"], a[3]["cond"]["encoder_hidden_states"])
+    # several directories as one training set, in order; settings must agree
+    both = couplings_io.load_couplings(f"{tmp_path}/one,{tmp_path}/two")
+    assert len(both) == 10 and both.manifest["num_couplings"] == 10
+    assert torch.equal(both[7]["states"], b[2]["states"]) and torch.equal(both[1]["states"], a[1]["states"])
+    assert len(couplings_io.load_couplings(str(tmp_path / "[ot]*"))) == 10
+    with pytest.raises(errors.CouplingError, match="matches no directory"):
+        couplings_io.load_couplings(str(tmp_path / "none-*"))
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], tmp_path / "k1", **{**kw, "num_windows": 1})
+    with pytest.raises(errors.CouplingError, match="differ in .*num_windows"):
+        couplings_io.load_couplings([tmp_path / "one", tmp_path / "k1"])
 
 
 def test_changed_arguments_raise_a_clear_error(tiny_random_pipe, tmp_path):
@@ -239,10 +297,12 @@ def test_sd3_couplings_equal_the_stock_flowmatch_pipeline(tmp_path, solver):
         e, ne, p, npool = pipe.encode_prompt(prompt=PROMPTS[:3], prompt_2=None, prompt_3=None,
                                              do_classifier_free_guidance=True)
     assert m["prompts"] == PROMPTS[:2]  # PROMPTS[2] repeats PROMPTS[0]
-    torch.testing.assert_close(cs.prompt_embeds, torch.cat([e[:2], ne[:1]]))
-    torch.testing.assert_close(cs.pooled, torch.cat([p[:2], npool[:1]]))
+    # per shard (shard_size 2): [P0, P1, uncond], [P2, uncond]
+    torch.testing.assert_close(cs.prompt_embeds, torch.cat([e[:2], ne[:1], e[2:], ne[:1]]))
+    torch.testing.assert_close(cs.pooled, torch.cat([p[:2], npool[:1], p[2:], npool[:1]]))
     cond = cs.conditioning(torch.tensor([2, 0]))
     assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
+    torch.testing.assert_close(cond["encoder_hidden_states"], torch.cat([e[2:], e[:1]]))
 
 
 def test_sd3_dpmpp_converges_and_shifted_spacing(tmp_path):
@@ -280,7 +340,8 @@ def test_cli_couple_and_solver_error(tiny_random_pipe, tmp_path, capsys):
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["model"] == str(model) and m["prompts"] == ["a red circle", "a blue square"] and m["num_windows"] == 2
     assert set(load_file(str(tmp_path / "c" / "couplings-00000.safetensors"))) == {
-        "noise", "data", "boundary_states", "prompt_index", "seed", "guidance", "index"}
+        "noise", "later_states", "prompt_row", "prompt_index", "seed", "guidance", "index",  # endpoints stored once
+        "emb_prompt_embeds"}  # the shard's own embeddings (version 2)
     args = parser.parse_args(["reflow", "solver-error", "--model", str(model), "--prompts", "toy:2",
                               "--solvers", "ddim:2,dpmpp:4", "--reference", "ddim:8", "--guidance", "2",
                               "--device", "cpu", "--json", str(tmp_path / "err.json")])
@@ -288,3 +349,16 @@ def test_cli_couple_and_solver_error(tiny_random_pipe, tmp_path, capsys):
     assert "dpmpp" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "err.json").read_text())["results"]) == 2
     assert prompts_io.read_prompts("toy:3")[0] == prompts_io.read_prompts("toy:3:0")[0] and len(prompts_io.read_prompts("toy:3")[0]) == 3
+
+
+def test_couple_workers_come_from_the_flags_or_torchrun(monkeypatch):
+    import argparse
+
+    args = argparse.Namespace(shard_index=0, num_shards=None, device="cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli_reflow.coupling_worker(args) == (0, 1, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert cli_reflow.coupling_worker(args) == (2, 4, "cpu")  # torchrun: rank r of world w
+    args.shard_index, args.num_shards = 1, 3
+    assert cli_reflow.coupling_worker(args) == (1, 3, "cpu")  # explicit flags win

@@ -1,4 +1,5 @@
-"""Issue acceptance on the embedded world (v2), from one shortened ``stepdistill demo --method all`` run.
+"""Issue acceptance on the embedded world (v2), from one shortened ``stepdistill demo`` run of LCD and reflow (the
+adversarial student has its own short demo test in tests/test_adversarial.py).
 
 Every quality assertion compares a student with its *baseline*: the same base model with no adapter, under
 the student's own sampler and guidance, at the same steps (``report["baseline"]``). A negative control
@@ -21,10 +22,11 @@ pytestmark = pytest.mark.slow
 
 N_PROMPTS = 96
 # Margins over the baseline, per method: steps whose toy-FID must be at most FID_RATIO x the baseline's,
-# steps whose precision must be PRECISION_GAIN above it, steps whose prompt accuracy must be ACC_GAIN above it.
-# (Recorded shortened run, docs/results.md: LCM-LoRA toy-FID 0.45x / 0.56x the baseline's at 2 / 4 steps,
-# precision +0.25 / +0.08, accuracy +0.16 at 2 steps; reflow 0.58x / 0.71x at 1 / 2 steps, precision +0.23 and
-# accuracy +0.06 at 1 step, straightness 0.52x the base model's at guidance 1.)
+# steps whose precision must be PRECISION_GAIN above it, steps whose mean per-attribute accuracy
+# (attribute_accuracy) must be ACC_GAIN above it.
+# (Recorded shortened run, 2026-11-30, docs/results.md: LCM-LoRA toy-FID 0.34x / 0.51x the baseline's at 2 / 4 steps,
+# precision +0.29 / +0.15, attribute accuracy +0.07 at 2 steps; reflow 0.46x / 0.57x at 1 / 2 steps, precision +0.32
+# and attribute accuracy +0.08 at 1 step, straightness 0.49x the base model's at guidance 1.)
 MARGINS = {
     "lcd": {"fid": ("2", "4"), "precision": ("2", "4"), "accuracy": ("2",)},
     "reflow": {"fid": ("1", "2"), "precision": ("1",), "accuracy": ("1",)},
@@ -39,8 +41,19 @@ STUDENT_STEPS = {"lcd": (4, 2), "reflow": (8, 2, 1)}  # steps the negative contr
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(out, n_prompts=N_PROMPTS, device="cpu", method="all", lcd_overrides={"max_train_steps": 300},
+    return run_demo(out, n_prompts=N_PROMPTS, device="cpu", method="lcd,reflow", lcd_overrides={"max_train_steps": 300},
                     reflow_overrides={"num_couplings": 512, "max_train_steps": 160}), out
+
+
+def attribute_accuracy(cell: dict) -> float:
+    """The mean of the per-attribute accuracies (``acc_shape``, ``acc_color``, ...: each over the prompts that name
+    the attribute). Whole-prompt accuracy is not used for a margin: with the teacher itself at ~0.2 (it does not
+    follow shape and position yet), few-step cells sit at 2-10 of 96 prompts, a binomial standard error of ~0.02,
+    so a +0.04 margin on it was ~1.5 standard errors (a reflow 1-step student at 5/96 against 2/96 failed it while
+    beating its baseline on colour, count, size and texture by 0.1-0.25)."""
+    accs = [v for k, v in cell.items() if k.startswith("acc_")]
+    assert accs, f"no per-attribute accuracies in {sorted(cell)}"
+    return sum(accs) / len(accs)
 
 
 def margin_failures(student: dict, baseline: dict, method: str) -> list[str]:
@@ -54,9 +67,9 @@ def margin_failures(student: dict, baseline: dict, method: str) -> list[str]:
             fails.append(f"{n} steps: precision {student[n]['precision']:.2f} < {baseline[n]['precision']:.2f} "
                          f"+ {PRECISION_GAIN}")
     for n in m["accuracy"]:
-        if not student[n]["prompt_accuracy"] >= baseline[n]["prompt_accuracy"] + ACC_GAIN:
-            fails.append(f"{n} steps: accuracy {student[n]['prompt_accuracy']:.3f} < "
-                         f"{baseline[n]['prompt_accuracy']:.3f} + {ACC_GAIN}")
+        if not attribute_accuracy(student[n]) >= attribute_accuracy(baseline[n]) + ACC_GAIN:
+            fails.append(f"{n} steps: attribute accuracy {attribute_accuracy(student[n]):.3f} < "
+                         f"{attribute_accuracy(baseline[n]):.3f} + {ACC_GAIN}")
     return fails
 
 

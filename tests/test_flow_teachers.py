@@ -23,6 +23,7 @@ from stepdistill import lora
 from stepdistill.models.family import default_target_modules
 from stepdistill.errors import ConfigError
 from stepdistill.training.config import load_config
+from stepdistill.methods.base import collate_rows
 from stepdistill.methods.reflow import ReflowObjective
 from stepdistill.models.denoiser import model_velocity as student_velocity
 from stepdistill.training.loop import train
@@ -165,7 +166,7 @@ def test_flux_dynamic_shift_spacing_and_guidance_errors(tmp_path):
 
 def _assert_objective_reads_the_teacher(obj, model):
     idx = torch.arange(4)
-    st, b, cond = obj.couplings.boundary_states(idx), obj.boundaries, obj._cond(idx)
+    st, b, cond = obj.couplings.boundary_states(idx), obj.boundaries, collate_rows(obj.dataset, idx)["cond"]
     for k in range(K):
         target = (st[:, k] - st[:, k + 1]) / float(b[k] - b[k + 1])
         with torch.no_grad():
@@ -192,7 +193,7 @@ def test_flux_dev_embedded_guidance_is_the_students(tmp_path):
                          width=RES, progress=False)
     obj = ReflowObjective(_config("tiny-flux-dev", str(tmp_path), "unused"), pipe, ACCEL)
     assert obj.student_guidance == 3.5 and obj.card(obj.config)["recommended_guidance"] == 3.5
-    assert obj._cond(torch.arange(2))["guidance"].tolist() == [3.5, 3.5]
+    assert collate_rows(obj.dataset, range(2))["cond"]["guidance"].tolist() == [3.5, 3.5]
     _assert_objective_reads_the_teacher(obj, pipe.transformer)
     with pytest.raises(ConfigError, match="guidance embedding"):
         ReflowObjective(_config("tiny-flux", str(tmp_path), "unused"), tiny_flux_pipe(), ACCEL)

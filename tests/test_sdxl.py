@@ -47,9 +47,10 @@ def test_lcd_on_sdxl_caches_pooled_and_time_ids_and_loads_in_stock_sdxl(tiny_sdx
                             train_data="toy:16", resolution=16, lora_rank=4, train_batch_size=2, max_train_steps=2,
                             checkpointing_steps=0, validation_steps=0, report_to="none", w_min=1.0, w_max=2.0))
     cache = load_cache(out / "cache")
-    assert cache.pooled is not None and cache.pooled.shape == (len(cache.captions) + 1, 32)
-    assert cache.prompt_embeds.shape[-1] == 64  # both encoders' hidden states, concatenated
-    assert cache.time_ids.shape == (16, 6) and cache.time_ids[0].tolist() == [16, 16, 0, 0, 16, 16]
+    row = cache.row(0)
+    assert row["text_embeds"].shape == (32,) and cache.uncond["text_embeds"].shape == (32,)
+    assert row["encoder_hidden_states"].shape[-1] == 64  # both encoders' hidden states, concatenated
+    assert len(cache) == 16 and row["time_ids"].tolist() == [16, 16, 0, 0, 16, 16]
 
     file = out / "pytorch_lora_weights.safetensors"
     _, metadata, fmt = lora.read_lora(file)

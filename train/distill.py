@@ -4,8 +4,8 @@
     accelerate launch --multi_gpu --num_processes 8 train/distill.py --config configs/sd15-lcm-lora.yaml \
         train_data=/data/laion-aesthetic mixed_precision=bf16
 
-Same as `stepdistill distill`. Multi-GPU: `train_batch_size` is per device; each process draws its own
-batches (seeded by step and process index), and accelerate averages the gradients.
+Same as `stepdistill distill`. Multi-GPU: `train_batch_size` is per device; accelerate gives each process its
+share of one seeded batch stream and averages the gradients (configs/accelerate/, docs/scaling.md).
 """
 import sys
 

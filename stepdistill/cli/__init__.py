@@ -13,11 +13,13 @@ import sys
 import warnings
 
 from ..errors import StepdistillError
+from .cache import add_cache_commands
 from .distill import add_distill_command
 from .eval import add_eval_command
 from .lora import add_lora_commands
 from .reflow import add_reflow_commands
 from .sample import add_sample_command
+from .smoke import shrink_args, smoke_enabled
 from .toy import add_demo_command, add_stacking_commands
 
 DEBUG_ENV = "STEPDISTILL_DEBUG"
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_command(sub)
     add_distill_command(sub)
     add_reflow_commands(sub)
+    add_cache_commands(sub)
     add_eval_command(sub)
     add_lora_commands(sub)
     add_stacking_commands(sub)
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     args = parse_args([a for a in argv if a != "--debug"])
+    if smoke_enabled():  # STEPDISTILL_SMOKE=1: the same command, toy-sized (the executable-docs test)
+        shrink_args(args)
     if debug:
         args.func(args)
         return 0

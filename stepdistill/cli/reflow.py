@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+import torch
 
 from ..data.couplings import STORAGE_DTYPES
 from ..data.prompts import read_prompts
@@ -21,8 +24,21 @@ from .common import parse_lora_spec
 from .distill import cmd_reflow_train
 
 
+def coupling_worker(args) -> tuple[int, int, str | None]:
+    """``(shard_index, num_shards, device)``: the flags, else torchrun's ``RANK`` / ``WORLD_SIZE`` (each process
+    then takes its own GPU, ``cuda:LOCAL_RANK``), else one worker."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_shards is not None or world <= 1:
+        return args.shard_index, args.num_shards or 1, args.device
+    device = args.device
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else None
+    return int(os.environ.get("RANK", "0")), world, device
+
+
 def _cmd_couple(args):
-    pipe = load_model(args.model, key="--model", device=args.device)
+    shard_index, num_shards, device = coupling_worker(args)
+    pipe = load_model(args.model, key="--model", device=device)
     if args.lora:  # couplings of a student (InstaFlow's 2nd stage: the reflowed model's own ODE), LoRAs fused
         load_loras_into_pipeline(pipe, [parse_lora_spec(x) for x in args.lora], fuse=True)
     prompts, _ = read_prompts(args.prompts)
@@ -31,8 +47,10 @@ def _cmd_couple(args):
                              guidance_scale=guidance, num_windows=args.windows, seed=args.seed,
                              shard_size=args.shard_size, batch_size=args.batch_size, spacing=args.spacing,
                              storage_dtype=args.storage_dtype, model_id=args.model,
-                             height=args.resolution, width=args.resolution)
-    print(f"{res.out_dir}: {res.num_couplings} couplings ({len(res.shards_skipped)} shard(s) already done, "
+                             height=args.resolution, width=args.resolution, shard_index=shard_index,
+                             num_shards=num_shards)
+    part = f" [worker {shard_index} of {num_shards}]" if num_shards > 1 else ""
+    print(f"{res.out_dir}{part}: {res.num_couplings} couplings ({len(res.shards_skipped)} shard(s) already done, "
           f"{len(res.shards_written)} written); {res.num_generated} generated in {res.seconds:.1f} s = "
           f"{res.couplings_per_second:.2f} couplings/s on {pipe.device} ({args.solver}, {args.steps} steps, "
           f"guidance {guidance}, K={args.windows})")
@@ -87,7 +105,13 @@ def add_reflow_commands(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--spacing", choices=SPACINGS, default="sigma",
                    help="steps inside a window: uniform in flow time, or in the teacher's own clock")
     c.add_argument("--shard-size", type=int, default=256)
-    c.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float32")
+    c.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float16",
+                   help="dtype of the stored latents (float16: half the disk and RAM of float32)")
+    c.add_argument("--shard-index", type=int, default=0,
+                   help="this worker's part: it generates the file shards j with j %% NUM_SHARDS == SHARD_INDEX "
+                        "(workers may share --out; under torchrun: RANK)")
+    c.add_argument("--num-shards", type=int, default=None,
+                   help="how many workers split the set (default 1; under torchrun: WORLD_SIZE)")
     c.add_argument("--lora", action="append", default=[],
                    help="PATH[:WEIGHT], fused into the model first: couplings of a student (e.g. the reflow LoRA, "
                         "for the one-step distillation stage; guidance then defaults to 1)")

@@ -8,10 +8,16 @@ from ..experiments.demo import run_demo
 from ..experiments.stacking import (ACCEL_WEIGHTS, SHIFTS, STYLE_WEIGHTS, FinetuneRecipe, finetune_base,
                                     stack_sweep, transfer_eval)
 from ..experiments.style import StyleRecipe, train_style_lora
+from .smoke import TOY_ITEMS, smoke_enabled, training_overrides
 
 
 def cmd_demo(args):
-    run_demo(args.out, n_prompts=args.num_prompts, device=args.device, seed=args.seed, method=args.method)
+    sizes = {}
+    if smoke_enabled():  # STEPDISTILL_SMOKE=1: the recipes' training shrinks too (cli/smoke.py)
+        sizes = {"lcd_overrides": training_overrides(),
+                 "reflow_overrides": {"num_couplings": TOY_ITEMS, **training_overrides(None)},
+                 "adversarial_overrides": training_overrides()}
+    run_demo(args.out, n_prompts=args.num_prompts, device=args.device, seed=args.seed, method=args.method, **sizes)
 
 
 def add_demo_command(subparsers):
@@ -19,7 +25,7 @@ def add_demo_command(subparsers):
     d.add_argument("--out", default="out/demo")
     d.add_argument("--num-prompts", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--method", default="lcd", choices=["teacher", "lcd", "reflow", "all"])
+    d.add_argument("--method", default="lcd", choices=["teacher", "lcd", "reflow", "adversarial", "all"])
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
     return d

@@ -1,10 +1,13 @@
 """Training data sources: image folders with .txt captions, HF imagefolders (metadata.jsonl), datasets saved
 with ``datasets.save_to_disk``, WebDataset shards, and the procedural toy world (``toy:N``).
 
-Every source becomes a list of ``Example(load_image, caption, name, stamp)``; images are loaded lazily and
-resized/centre-cropped to the training resolution by ``preprocess``; ``stamp`` (an image file's size and
-modification time, or a hash of in-memory bytes) lets the latent cache notice a replaced image. Problems are
-reported with the file (and line) and the fix; an empty caption is an error.
+Every source is an iterator of ``Example(load_image, caption, name, stamp)`` (:func:`iter_examples`; nothing holds
+the whole dataset: the toy world draws its scenes one by one and renders an image only when it is loaded, a folder is
+walked, ``metadata.jsonl`` is read line by line, a ``save_to_disk`` dataset is read through its caption column only,
+and a WebDataset example keeps its image's bytes only until it is dropped). Images are resized/centre-cropped to the
+training resolution by ``preprocess``; ``stamp`` (an image file's size and modification time, a hash of in-memory
+bytes, or a toy scene's parameters) lets the latent cache notice a replaced image. Problems are reported with the
+file (and line) and the fix; an empty caption is an error.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from ..toy.scenes import RESOLUTION, sample_scenes
+from ..toy.scenes import RESOLUTION, random_scene, render
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -63,39 +66,69 @@ def _open_image(path: Path):
     return load
 
 
+def iter_toy_examples(n: int, seed: int = 0, resolution: int = RESOLUTION, unique: bool = False) -> Iterator[Example]:
+    """The scenes of ``sample_scenes(n, seed)``, drawn one at a time and rendered when loaded. ``unique``: each
+    caption gets a `` #i`` suffix (benchmarks that need every caption distinct). The stamp is a hash of the scene's
+    parameters and the resolution (rendering is a pure function of them)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        scene = random_scene(rng)
+        caption = f"{scene.caption} #{i}" if unique else scene.caption
+        stamp = hashlib.blake2b(f"{scene!r}|{resolution}".encode(), digest_size=8).hexdigest()
+        yield Example((lambda s=scene: Image.fromarray(render(s, resolution))), caption, f"toy-{seed}-{i}", stamp)
+
+
 def toy_examples(n: int, seed: int = 0, resolution: int = RESOLUTION) -> list[Example]:
-    images, scenes = sample_scenes(n, seed=seed, resolution=resolution)
-    return [Example((lambda im=im: Image.fromarray(im)), s.caption, f"toy-{seed}-{i}",
-                    hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=8).hexdigest())
-            for i, (im, s) in enumerate(zip(images, scenes))]
+    return list(iter_toy_examples(n, seed, resolution))
 
 
-def image_folder_examples(directory: Path, caption_column: str = "text") -> list[Example]:
+def _walk_images(directory: Path) -> Iterator[Path]:
+    """The images under ``directory``, in sorted order, one directory listing in memory at a time."""
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(root) / name
+
+
+def image_folder_examples(directory: Path, caption_column: str = "text") -> Iterator[Example]:
     meta = directory / "metadata.jsonl"
     if meta.exists():
-        return _metadata_examples(directory, meta, caption_column)
-    images = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
+        yield from _metadata_examples(directory, meta, caption_column)
+        return
+    total, missing = 0, []  # a first pass, so the error counts every image without a caption
+    for p in _walk_images(directory):
+        total += 1
+        if not p.with_suffix(".txt").exists():
+            missing.append(p.name)
+    if not total:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {directory}")
-    missing = [p for p in images if not p.with_suffix(".txt").exists()]
     if missing:
-        shown = ", ".join(str(p.name) for p in missing[:5])
-        raise DataError(f"{len(missing)} of {len(images)} images in {directory} have no caption file "
+        shown = ", ".join(missing[:5])
+        raise DataError(f"{len(missing)} of {total} images in {directory} have no caption file "
                         f"(e.g. {shown}): write a .txt with the same name beside each image, or a "
                         f"metadata.jsonl with file_name/{caption_column} fields")
-    examples = []
-    for p in images:
+    for p in _walk_images(directory):
         caption_file = p.with_suffix(".txt")
         caption = read_text_file(caption_file).strip()
         if not caption:
             raise DataError(f"{caption_file} is empty; write the caption of {p.name} into it, or remove the image")
-        examples.append(Example(_open_image(p), caption, str(p.relative_to(directory)), file_stamp(p)))
-    return examples
+        yield Example(_open_image(p), caption, str(p.relative_to(directory)), file_stamp(p))
 
 
-def _metadata_examples(directory: Path, meta: Path, caption_column: str) -> list[Example]:
-    examples = []
-    for line_no, line in enumerate(read_text_file(meta).splitlines(), 1):
+def _metadata_lines(meta: Path) -> Iterator[tuple[int, str]]:
+    with open(meta, "rb") as f:
+        for line_no, data in enumerate(f, 1):
+            try:
+                yield line_no, data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{meta}:{line_no}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                                "UTF-8") from None
+
+
+def _metadata_examples(directory: Path, meta: Path, caption_column: str) -> Iterator[Example]:
+    count = 0
+    for line_no, line in _metadata_lines(meta):
         if not line.strip():
             continue
         try:
@@ -115,13 +148,13 @@ def _metadata_examples(directory: Path, meta: Path, caption_column: str) -> list
         if not image.is_file():
             raise DataError(f"{meta}:{line_no}: image {row['file_name']} not found in {directory}; fix file_name "
                             "or remove the line")
-        examples.append(Example(_open_image(image), caption, row["file_name"], file_stamp(image)))
-    if not examples:
+        count += 1
+        yield Example(_open_image(image), caption, row["file_name"], file_stamp(image))
+    if not count:
         raise DataError(f"{meta} lists no images; add file_name/{caption_column} lines")
-    return examples
 
 
-def hf_dataset_examples(directory: Path, caption_column: str, image_column: str) -> list[Example]:
+def hf_dataset_examples(directory: Path, caption_column: str, image_column: str) -> Iterator[Example]:
     try:
         import datasets  # optional: only for `save_to_disk` sources
     except ImportError as e:
@@ -135,17 +168,19 @@ def hf_dataset_examples(directory: Path, caption_column: str, image_column: str)
                             "(set caption_column / image_column)")
     stamp = ",".join(f"{p.relative_to(directory)}={file_stamp(p)}" for p in sorted(directory.rglob("*")) if p.is_file())
     stamp = hashlib.sha256(stamp.encode()).hexdigest()[:16]  # any change to the dataset's files
-    return [Example((lambda i=i: ds[i][image_column].convert("RGB")), str(ds[i][caption_column]), f"row-{i}", stamp)
-            for i in range(len(ds))]
+    i = 0
+    for batch in ds.select_columns([caption_column]).iter(batch_size=1024):  # the caption column only
+        for caption in batch[caption_column]:
+            yield Example((lambda i=i: ds[i][image_column].convert("RGB")), str(caption), f"row-{i}", stamp)
+            i += 1
 
 
-def webdataset_examples(pattern: str, caption_column: str = "txt") -> list[Example]:
+def webdataset_examples(pattern: str, caption_column: str = "txt") -> Iterator[Example]:
     try:
         import webdataset as wds  # optional: only for WebDataset sources
     except ImportError as e:
         raise DataError(f"{pattern} are WebDataset shards; pip install webdataset") from e
-    examples = []
-    for sample in wds.WebDataset(pattern, shardshuffle=False):
+    for sample in wds.WebDataset(pattern, shardshuffle=False):  # one sample in memory at a time
         key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
         if key is None or caption_column not in sample:
             raise DataError(f"WebDataset sample {sample.get('__key__')} needs an image and a '{caption_column}' entry")
@@ -155,23 +190,28 @@ def webdataset_examples(pattern: str, caption_column: str = "txt") -> list[Examp
         except UnicodeDecodeError as e:
             raise DataError(f"WebDataset sample {sample['__key__']} ({sample.get('__url__', pattern)}): caption is not "
                             f"UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
-        examples.append(Example((lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, sample["__key__"],
-                                hashlib.sha256(data).hexdigest()[:16]))
-    return examples
+        yield Example((lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, sample["__key__"],
+                      hashlib.sha256(data).hexdigest()[:16])
 
 
 def load_examples(source: str, caption_column: str = "text", image_column: str = "image") -> list[Example]:
-    """``source``: ``toy:N`` or ``toy:N:SEED``, a directory (image folder, imagefolder with metadata.jsonl, or
-    a ``save_to_disk`` dataset), or WebDataset shards (``path/{00000..00009}.tar`` or a single ``.tar``)."""
+    """:func:`iter_examples` as a list (small sources and tests; the latent cache streams instead)."""
+    return list(iter_examples(source, caption_column, image_column))
+
+
+def iter_examples(source: str, caption_column: str = "text", image_column: str = "image") -> Iterator[Example]:
+    """``source``: ``toy:N``, ``toy:N:SEED`` or ``toy:N:SEED:unique`` (captions made distinct, for benchmarks), a
+    directory (image folder, imagefolder with metadata.jsonl, or a ``save_to_disk`` dataset), or WebDataset shards
+    (``path/{00000..00009}.tar`` or a single ``.tar``). Problems with the spec itself are raised at once."""
     if source.startswith("toy:"):
         parts = source.split(":")
         try:
             n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
             raise DataError(f"training data {source!r}: expected toy:N or toy:N:SEED") from None
-        if n < 1 or len(parts) > 3:
-            raise DataError(f"training data {source!r}: expected toy:N or toy:N:SEED with N >= 1")
-        return toy_examples(n, seed=seed)
+        if n < 1 or len(parts) > 4 or (len(parts) == 4 and parts[3] != "unique"):
+            raise DataError(f"training data {source!r}: expected toy:N, toy:N:SEED or toy:N:SEED:unique with N >= 1")
+        return iter_toy_examples(n, seed=seed, unique=len(parts) == 4)
     if source.endswith(".tar") or "{" in source:
         return webdataset_examples(source)
     path = Path(source)

@@ -1,9 +1,10 @@
 """The main job on the embedded world: distill the toy teacher into few-step LoRAs and compare.
 
 ``run_demo`` evaluates the teacher (50 guided DDIM steps, and its own 8/4/2/1-step DDIM), distills an
-LCM-LoRA (and, with ``method="reflow"``/``"all"``, a reflow LoRA), evaluates each student at 8/4/2/1 steps
-with its own sampler, and writes ``grid.png`` (side by side), ``report.json``, ``report.txt`` and the
-adapters (``lora/``, ``lora-reflow/``).
+LCM-LoRA (with ``method="reflow"`` a reflow LoRA, with ``method="adversarial"`` an adversarial LoRA: LCD + a GAN
+term on the teacher's features; ``"all"``: the three), evaluates each student at 8/4/2/1 steps with its own
+sampler beside its baseline, and writes ``grid.png`` (side by side), ``report.json``, ``report.txt`` and the
+adapters (``lora/``, ``lora-reflow/``, ``lora-adversarial/``).
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def _report_rows(report: dict):
 def format_report(report: dict) -> str:
     """The demo table: each student's rows followed by its baseline (the base model, no adapter, the student's
     own sampler and guidance, same steps)."""
-    lines = [f"{'method':12s} {'steps':>5s} {'prompt_acc':>10s} {'toy_fid':>8s} {'prec':>5s} {'recall':>6s} "
-             f"{'s/img':>8s}"]
+    lines = [(f"{'method':12s} {'steps':>5s} {'prompt_acc':>10s} {'toy_fid':>8s} {'prec':>5s} {'recall':>6s} "
+              f"{'s/img':>8s}")]
     for method, cells in _report_rows(report):
         for steps, c in sorted(((k, v) for k, v in cells.items() if k.isdigit()), key=lambda kv: -int(kv[0])):
             extra = f" straightness {c['straightness']:.4f}" if "straightness" in c else ""
@@ -83,9 +84,19 @@ def distill_lcd(out_dir: Path, device: str | None = None, **overrides) -> tuple[
     return path, time.perf_counter() - t0
 
 
+DEMO_METHODS = ("lcd", "reflow", "adversarial")  # `--method all`; ``method`` may also list some: "lcd,reflow"
+
+
+def distill_adversarial(out_dir: Path, device: str | None = None, **overrides) -> tuple[Path, float]:
+    """Train the packaged toy adversarial recipe (``configs/toy-adversarial.yaml``) into ``out_dir``."""
+    t0 = time.perf_counter()
+    path = train(load_config(toy_recipe("adversarial"), output_dir=str(out_dir), overwrite=True, **overrides))
+    return path, time.perf_counter() - t0
+
+
 def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = None, seed: int = 0,
              method: str = "lcd", grid_prompts: int = 10, lcd_overrides: dict | None = None,
-             reflow_overrides: dict | None = None) -> dict:
+             reflow_overrides: dict | None = None, adversarial_overrides: dict | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = evaluation_prompts(n_prompts, seed=seed)
@@ -98,7 +109,8 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
         labels.append(f"teacher DDIM {steps}")
 
     baseline = report["baseline"] = {}
-    if method in ("lcd", "all"):
+    methods = DEMO_METHODS if method == "all" else tuple(m.strip() for m in method.split(","))
+    if "lcd" in methods:
         # the honest baseline: the base model with no adapter under the student's own sampler and guidance
         baseline["lcd"], rows = evaluate_student(pipe, prompts, lcd_scheduler, seed=seed)
         for steps in BASELINE_GRID_STEPS:
@@ -113,7 +125,7 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
             grid_rows.append(imgs[:grid_prompts])
             labels.append(f"LCM-LoRA {steps}")
 
-    if method in ("reflow", "all"):
+    if "reflow" in methods:
         cells, rows, baseline["reflow"], base_rows = run_reflow_demo(out, prompts, device=device, seed=seed,
                                                                      **(reflow_overrides or {}))
         for steps in BASELINE_GRID_STEPS:
@@ -123,6 +135,20 @@ def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = Non
         for steps, imgs in rows.items():
             grid_rows.append(imgs[:grid_prompts])
             labels.append(f"reflow {steps}")
+
+    if "adversarial" in methods:  # an LCD student with the GAN term: LCMScheduler, so LCD's baseline
+        if "lcd" not in baseline:
+            baseline["lcd"], _ = evaluate_student(pipe, prompts, lcd_scheduler, seed=seed)
+        baseline["adversarial"] = baseline["lcd"]
+        lora_dir, train_seconds = distill_adversarial(out / "lora-adversarial", device=device,
+                                                      **(adversarial_overrides or {}))
+        student = load_pipeline("toy", device=device)
+        load_loras_into_pipeline(student, [(str(lora_dir), 1.0)])
+        cells, rows = evaluate_student(student, prompts, lcd_scheduler, seed=seed)
+        report["adversarial"] = {**cells, "train_seconds": train_seconds}
+        for steps, imgs in rows.items():
+            grid_rows.append(imgs[:grid_prompts])
+            labels.append(f"adversarial {steps}")
 
     grid = image_grid(grid_rows, row_labels=labels, col_labels=list(prompts[:grid_prompts]),
                       scale=3)

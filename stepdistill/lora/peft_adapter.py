@@ -85,19 +85,20 @@ def _check_plain_lora(module, name: str, adapter_name: str):
         raise LoraFormatError(f"{name}: LoRA with lora_B bias is not supported (plain LoRA only)")
 
 
-def unet_lora_state_dict(unet, adapter_name: str = "default") -> LoraLayers:
+def unet_lora_state_dict(unet, adapter_name: str = "default", state_dict: dict | None = None) -> LoraLayers:
     """The adapter's layers as ``{diffusers module path: (down, up, alpha)}`` (detached CPU copies).
 
-    Weights come from ``peft.get_peft_model_state_dict`` (adapter name stripped); alpha is the kohya-style alpha
-    giving the layer's intrinsic scale (``alpha / r``), so ``set_adapters`` weights do not leak into it.
+    Weights come from ``peft.get_peft_model_state_dict`` (adapter name stripped), or from ``state_dict`` (the same
+    names: e.g. gathered from an FSDP / DeepSpeed-sharded model); alpha is the kohya-style alpha giving the layer's
+    intrinsic scale (``alpha / r``), so ``set_adapters`` weights do not leak into it.
     """
     if adapter_name not in (getattr(unet, "peft_config", None) or {}):
         raise KeyError(f"UNet has no LoRA adapter named {adapter_name!r}")
     modules = lora_modules(unet, adapter_name)
     expected = {f"{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
 
-    sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    if set(sd) != expected:
+    sd = get_peft_model_state_dict(unet, adapter_name=adapter_name) if state_dict is None else state_dict
+    if set(sd) != expected and state_dict is None:
         # peft filters out keys containing ".<other adapter name>." -- e.g. a second adapter called "0" removes
         # almost every key. The modules themselves are authoritative.
         logger.warning(

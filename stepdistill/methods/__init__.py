@@ -8,12 +8,15 @@ the members listed in :mod:`stepdistill.methods.base`, and one line below.
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .adversarial import AdversarialObjective
 from .lcd import LCDObjective
+from .levers import check_levers
 from .reflow import ReflowObjective
 
 METHODS = {
     "lcd": LCDObjective,
     "reflow": ReflowObjective,
+    "adversarial": AdversarialObjective,
 }
 
 
@@ -26,6 +29,7 @@ def method_class(name: str):
 def check_config(config):
     """The method's own checks of a config (raises :class:`ConfigError`)."""
     method_class(config.method).check_config(config)
+    check_levers(config)  # the knowledge-distillation levers every method takes
 
 
 def build_objective(config, pipe, accelerator):

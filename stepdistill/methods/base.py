@@ -7,11 +7,18 @@ A method is a class with::
     student_guidance: float         # the guidance the student is sampled with
     check_config(config)            # classmethod: refuse settings the method cannot run (ConfigError)
     __init__(config, pipe, accelerator)
-    loss(model, raw_model, batch_size, generator) -> (loss, logs)
+    dataset                         # a map-style dataset (``__len__``, ``__getitem__(i) -> dict of tensors``): the
+                                    # loop reads it through a DataLoader prepared by accelerate (seeded, resumable
+                                    # order; optional ``collate`` attribute: the DataLoader's collate_fn)
+    loss(model, raw_model, batch, generator) -> (loss, logs)
+                                    # ``batch``: one collated per-device batch of ``dataset``, on the device;
+                                    # ``generator``: a CPU generator for the step's other randomness (noise, times)
     set_student_scheduler(pipe)     # the sampler the adapter is meant for
     validate(pipe, accelerator, step)
     card(config) -> dict            # the model card; its scheduler keys go into the adapter's header, which is
                                     # where `stepdistill sample` / `eval` read the sampler from
+    checkpoint_objects() -> list    # optional: more state the loop checkpoints and resumes (objects with
+                                    # state_dict / load_state_dict, e.g. the adversarial method's discriminator)
 
 Adding a method is one module in this package plus one line in ``METHODS`` (``stepdistill/methods/__init__.py``).
 The latent cache (:class:`CachedBatches`) is a component a method may use, not a base class.
@@ -22,39 +29,72 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, default_collate
 
-from ..data.cache import precompute
-from ..data.sources import load_examples
+from ..data.cache import build_cache, finish_cache, load_cache
+from ..data.sources import iter_examples
 from ..models.latents import native_resolution
 from ..sampling import generate, image_grid
 
 
-class CachedBatches:
-    """Training batches from the precomputed latent/text cache (built on first use, main process first)."""
+class CachedBatches(Dataset):
+    """The precomputed latent/text cache as a map-style dataset read per row from memory-mapped shards: row ``i`` is
+    example ``i``'s VAE posterior ``mean``/``std``, its caption's ``encoder_hidden_states`` and, for SDXL, its
+    ``text_embeds`` and ``time_ids`` (float32). Built on first use by the sharded builder of
+    ``stepdistill cache build``: process ``r`` of ``N`` encodes the shards ``r::N`` (skipping those already done),
+    then all wait for each other and the main process writes the manifest first. :meth:`latents` and
+    :meth:`conditioning` turn a collated batch into what the UNet takes."""
 
     def __init__(self, config, pipe, accelerator):
         self.device = accelerator.device
         self.resolution = config.resolution or native_resolution(pipe)
+        cache_dir = config.resolved_cache_dir
+        plan = build_cache(pipe, iter_examples(config.train_data, config.caption_column, config.image_column),
+                           self.resolution, cache_dir, model_id=config.pretrained_model,
+                           shard_index=accelerator.process_index, num_shards=accelerator.num_processes,
+                           progress=accelerator.is_local_main_process)
+        accelerator.wait_for_everyone()  # every shard is written
         with accelerator.main_process_first():
-            examples = load_examples(config.train_data, config.caption_column, config.image_column)
-            self.cache = precompute(pipe, examples, self.resolution, config.resolved_cache_dir,
-                                    model_id=config.pretrained_model)
+            finish_cache(cache_dir, plan)
+            self.cache = load_cache(cache_dir, expect=plan.fingerprint)
+        self.uncond = self.cache.uncond["encoder_hidden_states"].to(self.device)
+        pooled = self.cache.uncond.get("text_embeds")
+        self.uncond_pooled = None if pooled is None else pooled.to(self.device)
 
-    def batch(self, batch_size: int, gen: torch.Generator):
-        """``(latents, cond, uncond)`` for ``batch_size`` examples drawn with ``gen``, on the device."""
-        idx = torch.randint(0, len(self.cache), (batch_size,), generator=gen)
-        latents = self.cache.latents(idx, gen).to(self.device)
-        cond = self._cond(self.cache.caption_index[idx], idx)
-        uncond = self._cond(torch.full((batch_size,), self.cache.uncond_index), idx)
-        return latents, cond, uncond
+    def __len__(self) -> int:
+        return len(self.cache)
 
-    def _cond(self, caption_idx, idx) -> dict:
-        cond = self.cache.conditioning(caption_idx)
-        cond["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.device)
-        if "added_cond_kwargs" in cond:
-            cond["added_cond_kwargs"] = {"text_embeds": cond["added_cond_kwargs"]["text_embeds"].to(self.device),
-                                         "time_ids": self.cache.time_ids[idx].to(self.device)}
-        return cond
+    def __getitem__(self, i: int) -> dict:
+        return self.cache.row(int(i))
+
+    def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        """A fresh posterior sample (noise from ``gen``) for the batch's examples, scaled as the UNet sees latents."""
+        mean, std = batch["mean"], batch["std"]
+        noise = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+        return (mean + std * noise - self.cache.shift_factor) * self.cache.scaling_factor
+
+    def conditioning(self, batch: dict) -> tuple[dict, dict]:
+        """``(cond, uncond)`` UNet keyword arguments for the batch (the unconditional one: the empty prompt)."""
+        n = len(batch["encoder_hidden_states"])
+        cond = {"encoder_hidden_states": batch["encoder_hidden_states"]}
+        uncond = {"encoder_hidden_states": self.uncond.expand(n, *self.uncond.shape).to(cond["encoder_hidden_states"])}
+        if "text_embeds" in batch:
+            cond["added_cond_kwargs"] = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
+            pooled = self.uncond_pooled.expand(n, *self.uncond_pooled.shape).to(batch["text_embeds"])
+            uncond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
+        return cond, uncond
+
+
+def collate_rows(dataset, idx, device=None) -> dict:
+    """The batch a DataLoader would collate from rows ``idx`` of ``dataset`` (on ``device`` when given)."""
+    batch = default_collate([dataset[int(i)] for i in idx])
+    return batch if device is None else _to(batch, device)
+
+
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def concat_cond(a: dict, b: dict) -> dict:

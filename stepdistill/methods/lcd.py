@@ -9,6 +9,7 @@ from .. import lcd, parametrization, solvers
 from ..errors import ConfigError
 from ..models.family import family_of
 from .base import CachedBatches, common_card, concat_cond, validate_with_pipeline
+from .levers import Levers, Teachers
 
 
 class LCDObjective:
@@ -31,16 +32,20 @@ class LCDObjective:
         self.config = config
         self.device = accelerator.device
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.data = CachedBatches(config, pipe, accelerator)
+        self.data = self.dataset = CachedBatches(config, pipe, accelerator)
         self.resolution = self.data.resolution
         alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
         self.alphas_cumprod = alphas_cumprod.to(self.device)
         self.grid = solvers.DDIMSolverGrid(alphas_cumprod, num_ddim_timesteps=config.num_ddim_timesteps).to(self.device)
+        self.levers, self.teachers = Levers(config, pipe, accelerator, self.data), Teachers(config, pipe, self.device)
 
-    def loss(self, unet, raw_unet, batch_size: int, gen: torch.Generator):
-        """One LCD step (LCM Algorithm 1; diffusers' LCM-LoRA recipe), teacher = base UNet, adapter disabled."""
+    def loss(self, unet, raw_unet, batch: dict, gen: torch.Generator):
+        """One LCD step (LCM Algorithm 1; diffusers' LCM-LoRA recipe) on a batch of the latent cache, teacher = base
+        UNet, adapter disabled."""
         c = self.config
-        latents, cond, uncond = self.data.batch(batch_size, gen)
+        latents = self.data.latents(batch, gen)
+        cond, uncond = self.data.conditioning(batch)
+        batch_size = len(latents)
         index = self.grid.sample_index(batch_size, gen).to(self.device)
         t_start = self.grid.timesteps(index)
         t_prev = self.grid.prev_timesteps(index)
@@ -54,19 +59,17 @@ class LCDObjective:
         model_pred = lcd.consistency_output(x_start, student_out.float(), t_start, self.alphas_cumprod,
                                             self.prediction_type, timestep_scaling=c.timestep_scaling_factor)
         with torch.no_grad():
-            raw_unet.disable_adapters()
-            try:  # conditional and unconditional teacher passes batched into one forward
-                teacher_out = unet(torch.cat([x_start, x_start]), torch.cat([t_start, t_start]),
-                                   **concat_cond(cond, uncond)).sample.float()
-            finally:
-                raw_unet.enable_adapters()
+            # conditional and unconditional teacher passes batched into one forward (the base, adapter disabled,
+            # or the weighted `teachers`: methods/levers.py)
+            teacher_out = self.teachers(unet, raw_unet, torch.cat([x_start, x_start]), torch.cat([t_start, t_start]),
+                                        concat_cond(cond, uncond))
             x_prev = lcd.lcd_target(x_start, teacher_out[:batch_size], teacher_out[batch_size:], w, self.grid,
                                     index, self.prediction_type)
             target_out = unet(x_prev, t_prev, **cond).sample.float()
             target = lcd.consistency_output(x_prev, target_out, t_prev, self.alphas_cumprod, self.prediction_type,
                                             timestep_scaling=c.timestep_scaling_factor)
         loss = lcd.consistency_loss(model_pred, target, c.loss_type, c.huber_c)
-        return loss, {}
+        return self.levers.add(loss, {}, unet, raw_unet, batch_size, gen)  # KD levers (0 by default: no-op)
 
     def set_student_scheduler(self, pipe):
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

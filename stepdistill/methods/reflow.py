@@ -35,6 +35,7 @@ from ..models.denoiser import TeacherFlow, model_velocity
 from ..models.flux import pack_flux_latents
 from ..models.latents import seeded_noise
 from .base import common_card, validate_with_pipeline
+from .levers import Levers
 
 LOSS_WEIGHTINGS = ("velocity", "native")
 
@@ -71,7 +72,7 @@ class ReflowObjective:
         self.sigma_max = float(teacher.sigma_max)
 
         with accelerator.main_process_first():
-            self.couplings = load_couplings(config.couplings_dir)
+            self.couplings = self.dataset = load_couplings(config.couplings_dir)
         m = self.couplings.manifest
         where = f"couplings at {config.couplings_dir}"
         if m["teacher"] != self.kind or m["prediction_type"] != self.prediction_type:
@@ -112,37 +113,35 @@ class ReflowObjective:
         if config.resolution and config.resolution != self.resolution:
             raise ConfigError(f"resolution={config.resolution}, but the couplings are {self.resolution}px latents "
                               f"({m['latent_shape']}); drop resolution or regenerate the couplings")
+        self.levers = Levers(config, pipe, accelerator)
 
     # ------------------------------------------------------------------ loss
-    def targets(self, batch_size: int, gen: torch.Generator):
-        """One batch of regression targets (CPU): ``idx, s, x_s, v_target`` (all randomness from ``gen``)."""
-        idx = torch.randint(0, len(self.couplings), (batch_size,), generator=gen)
+    def targets(self, batch: dict, gen: torch.Generator):
+        """Regression targets for a collated batch of coupling rows: ``s, x_s, v_target`` (flow times drawn with
+        ``gen``; on the batch's device)."""
+        rows = batch["states"].float()
+        batch_size = len(rows)
         s = reflow.sample_flow_times(batch_size, gen, self.config.reflow_time_distribution, sigma_max=self.sigma_max)
         k = reflow.window_of(s, self.boundaries) if self.num_windows > 1 else torch.zeros(batch_size, dtype=torch.long)
-        rows = self.couplings.boundary_states(idx)
         ar = torch.arange(batch_size)
         z_start, z_end = rows[ar, k * self.stride], rows[ar, (k + 1) * self.stride]
-        x_s, v_target = reflow.piecewise_target(z_start, z_end, self.boundaries[k], self.boundaries[k + 1], s)
-        return idx, s, x_s, v_target
+        dev = rows.device
+        x_s, v_target = reflow.piecewise_target(z_start, z_end, self.boundaries[k].to(dev),
+                                                self.boundaries[k + 1].to(dev), s.to(dev))
+        return s, x_s, v_target
 
-    def _cond(self, idx) -> dict:
-        cond = self.couplings.conditioning(idx)
-        out = {}
-        for key, val in cond.items():
-            out[key] = ({k: v.to(self.device) for k, v in val.items()} if isinstance(val, dict) else val.to(self.device))
-        return out
-
-    def loss(self, unet, raw_unet, batch_size: int, gen: torch.Generator):
+    def loss(self, unet, raw_unet, batch: dict, gen: torch.Generator):
         """MSE between the student's velocity and the (piecewise) straight coupling velocity."""
-        idx, s, x_s, v_target = self.targets(batch_size, gen)
-        v_pred = model_velocity(unet, x_s.to(self.device), s, self._cond(idx), prediction_type=self.prediction_type,
-                                  alphas_cumprod=self.alphas_cumprod, num_train_timesteps=self.num_train_timesteps,
-                                  flow_family=self.flow_family)
+        s, x_s, v_target = self.targets(batch, gen)
+        v_pred = model_velocity(unet, x_s.to(self.device), s, batch["cond"], prediction_type=self.prediction_type,
+                                alphas_cumprod=self.alphas_cumprod, num_train_timesteps=self.num_train_timesteps,
+                                flow_family=self.flow_family)
         weighting = None
         if self.config.reflow_loss_weighting == "native":
             weighting = reflow.native_loss_weight(s, self.prediction_type).to(self.device)
         loss = reflow.reflow_loss(v_pred, v_target.to(self.device), weighting)
-        return loss, {"s_mean": float(s.mean())}
+        # KD levers (0 by default: no-op; their data are the cached real images of train_data)
+        return self.levers.add(loss, {"s_mean": float(s.mean())}, unet, raw_unet, len(x_s), gen)
 
     # ------------------------------------------------------------------ sampling and card
     def scheduler_spec(self) -> tuple[str, str, dict]:

@@ -10,7 +10,9 @@ TeacherFlow` (VP UNets and SD3 / FLUX transformers), the solvers are :mod:`stepd
 Coupling ``i`` starts from ``torch.Generator().manual_seed(seed + i)`` (:func:`stepdistill.models.latents.
 seeded_noise`, also :func:`stepdistill.sampling.generate`'s noise for image ``i``) and does not depend on
 ``batch_size``. Every file is written atomically; a run interrupted at any point resumes with the same
-arguments, and different arguments raise :class:`stepdistill.errors.CouplingArgumentsMismatch`.
+arguments, and different arguments raise :class:`stepdistill.errors.CouplingArgumentsMismatch`. The work splits
+across workers (``shard_index`` of ``num_shards``: processes, GPUs or machines sharing the directory): each
+generates the file shards ``j % num_shards == shard_index``; the result is the same set one worker would make.
 """
 from __future__ import annotations
 
@@ -24,9 +26,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import reflow
-from ..data.couplings import (COUPLINGS_VERSION, CONVENTIONS, EMBEDDINGS, STORAGE_DTYPES, check_args, plan_shards,
-                              prompts_sha256, prompts_table, read_embeddings, read_manifest, shard_names,
-                              write_embeddings, write_manifest, write_shard)
+from ..data.couplings import (
+    CONVENTIONS,
+    COUPLINGS_VERSION,
+    STORAGE_DTYPES,
+    check_args,
+    plan_shards,
+    prompts_sha256,
+    prompts_table,
+    read_manifest,
+    shard_names,
+    write_manifest,
+    write_shard,
+)
 from ..errors import CouplingError
 from ..models.denoiser import TeacherFlow
 from ..models.family import family_of
@@ -92,13 +104,15 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
                        guidance_scale: float = 5.0, num_windows: int = 1, seed: int = 0, shard_size: int = 256,
                        batch_size: int = 64, spacing: str = "sigma", height: int | None = None,
                        width: int | None = None, storage_dtype: str = "float32", model_id: str = "",
-                       progress: bool = True, stop_after_shards: int | None = None) -> CouplingRunResult:
+                       progress: bool = True, stop_after_shards: int | None = None, shard_index: int = 0,
+                       num_shards: int = 1) -> CouplingRunResult:
     """Generate (or finish) one coupling per prompt into ``out_dir``; see the module docstring for the format.
 
     Coupling ``i`` starts from ``torch.Generator().manual_seed(seed + i)`` and does not depend on
     ``batch_size`` (up to float rounding of batched kernels). Re-running with the same arguments skips the
     shards already written; different arguments raise :class:`CouplingArgumentsMismatch`. ``batch_size`` and
-    ``progress`` may change between runs. ``stop_after_shards`` is a test hook: raise
+    ``progress`` may change between runs. ``shard_index`` / ``num_shards``: this worker's part (module docstring);
+    they are not arguments of the result either. ``stop_after_shards`` is a test hook: raise
     :class:`CouplingInterrupted` after writing that many shards in this call."""
     prompts = list(prompts)
     if not prompts:
@@ -107,6 +121,9 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
         raise CouplingError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
     if shard_size < 1 or batch_size < 1:
         raise CouplingError("shard_size and batch_size must be >= 1")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise CouplingError(f"--shard-index must be in [0, --num-shards) and --num-shards >= 1, got "
+                            f"{shard_index} of {num_shards}")
     out_dir = Path(out_dir)
     teacher = TeacherFlow(pipe, height, width)
     teacher.check_guidance(guidance_scale)
@@ -130,11 +147,6 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
     time_ids = teacher.time_ids(shape)
-    if manifest is None or not (out_dir / EMBEDDINGS).exists():
-        emb = teacher.encode_table(table, batch_size)
-        write_embeddings(out_dir, emb, fingerprint)
-    else:
-        emb = read_embeddings(out_dir)
     if manifest is None:
         vae_cfg = getattr(getattr(pipe, "vae", None), "config", {}) or {}
         manifest = {
@@ -146,7 +158,7 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
             "sigma_boundaries": [float(grid[i]) for i in bidx], "step_sigmas": [float(x) for x in grid],
             "boundary_grid_indices": bidx, "latent_shape": list(shape), "storage_dtype": storage_dtype,
             "num_couplings": n_total, "shard_size": int(shard_size), "prompts": table,
-            "uncond_index": len(table), "embeddings": EMBEDDINGS, "shards": names, "completed": [],
+            "embeddings": "per shard", "shards": names,
             "time_ids": None if time_ids is None else time_ids.tolist(),
             "flow_family": teacher.family, "guidance_embeds": teacher.guidance_embeds,
             "vae_scaling_factor": float(vae_cfg.get("scaling_factor", 1.0) or 1.0),
@@ -154,37 +166,41 @@ def generate_couplings(pipe, prompts: list[str], out_dir: str | Path, *, num_ste
             "conventions": CONVENTIONS,
         }
         write_manifest(out_dir, manifest)
-    todo, skipped = plan_shards(out_dir, manifest, names, n_total, shard_size, fingerprint)
+    todo, skipped = plan_shards(out_dir, names, n_total, shard_size, fingerprint, shard_index, num_shards)
 
     store = STORAGE_DTYPES[storage_dtype]
-    bar = tqdm(total=n_total, initial=n_total - sum(min(shard_size, n_total - j * shard_size) for j in todo),
+    mine = sum(min(shard_size, n_total - j * shard_size) for j in range(shard_index, len(names), num_shards))
+    bar = tqdm(total=mine, initial=mine - sum(min(shard_size, n_total - j * shard_size) for j in todo),
                unit="coupling", desc="teacher couplings", disable=not progress)
     written, generated, elapsed = [], 0, 0.0
     try:
         for j in todo:
             lo, hi = j * shard_size, min((j + 1) * shard_size, n_total)
-            parts = {"noise": [], "data": [], "boundary_states": []}
+            # this shard's distinct prompts, encoded now (never the whole table): its own embeddings
+            local_table, local_row = prompts_table(prompts[lo:hi])
+            emb = teacher.encode_table(local_table, batch_size)
+            parts = {"noise": [], "later_states": []}
             for b0 in range(lo, hi, batch_size):
                 ids = list(range(b0, min(b0 + batch_size, hi)))
-                noise, z_data, states, sec = solve_batch(teacher, emb, prompt_index[ids], ids, seed, grid, solver,
-                                                         guidance_scale, bidx)
+                noise, _, states, sec = solve_batch(teacher, emb, local_row[b0 - lo:b0 - lo + len(ids)], ids,
+                                                         seed, grid, solver, guidance_scale, bidx)
                 elapsed += sec
                 generated += len(ids)
-                parts["noise"].append(noise)
-                parts["data"].append(z_data.cpu())
-                parts["boundary_states"].append(states.cpu())
+                parts["noise"].append(noise)  # the start state and the endpoint are not stored twice: the data
+                parts["later_states"].append(states[:, 1:].cpu())  # is the last state (z_data)
                 bar.update(len(ids))
                 bar.set_postfix(couplings_per_s=f"{generated / max(elapsed, 1e-9):.3g}")
             n = hi - lo
             tensors = {k: torch.cat(v).to(store) for k, v in parts.items()}
-            tensors.update(prompt_index=prompt_index[lo:hi].clone(),
+            tensors.update({f"emb_{k}": v.to(store).contiguous() for k, v in emb.items()})  # the last row: uncond
+            tensors.update(prompt_row=local_row, prompt_index=prompt_index[lo:hi].clone(),
                            seed=torch.arange(seed + lo, seed + hi, dtype=torch.long),
                            guidance=torch.full((n,), float(guidance_scale), dtype=torch.float32),
                            index=torch.arange(lo, hi, dtype=torch.long))
             name = names[j]
-            write_shard(out_dir, manifest, name, tensors, fingerprint, lo)
+            write_shard(out_dir, name, tensors, fingerprint, lo)
             written.append(name)
-            if stop_after_shards is not None and len(written) >= stop_after_shards and len(manifest["completed"]) < len(names):
+            if stop_after_shards is not None and len(written) >= stop_after_shards and len(written) < len(todo):
                 raise CouplingInterrupted(f"stopped after {len(written)} shard(s) (test hook)")
     finally:
         bar.close()

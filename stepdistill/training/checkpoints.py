@@ -63,12 +63,19 @@ def adapter_settings(config: TrainConfig) -> dict:
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, run_id: str | None = None,
                     settings: dict | None = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically; then delete this run's checkpoints beyond ``total_limit``."""
+    """Write ``checkpoint-<step>`` atomically; then delete this run's checkpoints beyond ``total_limit``.
+
+    Called on every process: ``save_state`` is a collective under FSDP / DeepSpeed (each process also writes its
+    own RNG state); the main process alone prepares the temporary directory, records and renames it."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    if tmp.exists():
+    if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return final
     (tmp / STEP_FILE).write_text(json.dumps({"global_step": step}))
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / RECORD_FILE).write_text(json.dumps({"global_step": step, "run_id": run_id, "files": files,

@@ -31,7 +31,7 @@ from ..models.family import LCM_LORA_TARGET_MODULES
 @dataclass
 class TrainConfig:
     # what to distill and how
-    method: str = "lcd"                      # a key of stepdistill.methods.METHODS: "lcd" or "reflow"
+    method: str = "lcd"                      # a key of stepdistill.methods.METHODS: "lcd", "reflow", "adversarial"
     pretrained_model: str = "toy"            # "toy", a local diffusers pipeline directory, or a hub id
     output_dir: str = "out/lcd"
     overwrite: bool = False                  # a fresh run may replace the run already in output_dir
@@ -41,7 +41,8 @@ class TrainConfig:
     image_column: str = "image"
     resolution: int | None = None            # default: the UNet's native size (sample_size x VAE factor)
     cache_dir: str | None = None             # default: <output_dir>/cache
-    couplings_dir: str | None = None         # reflow: directory written by `stepdistill reflow couple`
+    couplings_dir: str | None = None         # reflow: directory written by `stepdistill reflow couple`; several:
+                                             # a YAML list, comma-separated, or glob patterns (couplings/part-*)
     # LoRA
     lora_rank: int = 64
     lora_alpha: float | None = None          # default: = rank (scale 1), as diffusers' LCM-LoRA example
@@ -62,6 +63,8 @@ class TrainConfig:
     mixed_precision: str = "no"              # "no", "fp16" (CUDA only), "bf16" (LoRA parameters stay fp32)
     gradient_checkpointing: bool = False
     seed: int = 0
+    process_group_timeout_minutes: int = 60  # multi-process runs: how long a collective waits (the cache build on
+                                             # the main process, checkpoint gathers) before the run fails
     # LCD (LCM / LCM-LoRA)
     num_ddim_timesteps: int = 50
     w_min: float = 5.0                       # LCM guidance w ~ U[w_min, w_max]; CFG scale = 1 + w
@@ -76,6 +79,26 @@ class TrainConfig:
     init_lora: str | None = None             # start the trained adapter from this LoRA file (same layers/rank)
     reflow_loss_weighting: str = "velocity"    # "velocity": MSE on the flow velocity (Rectified Flow eq. 1);
                                                # "native": MSE in the model's output space (eps/v/x0)
+    # adversarial (method: adversarial; LADD-style GAN term, stepdistill/methods/adversarial.py, docs/methods.md)
+    adv_distillation: str = "lcd"            # the distillation term: "lcd" (consistency target) or "reflow"
+                                             # (velocity target on couplings_dir; reflow_windows must be 1)
+    gan_loss_weight: float = 0.1             # L_G = L_distill + gan_loss_weight * L_gan; 0: distillation only
+    gan_loss: str = "hinge"                  # "hinge" (ADD / LADD) or "nonsaturating" (Goodfellow et al. 2014)
+    disc_learning_rate: float = 1e-4         # AdamW of the discriminator heads (betas 0, 0.99)
+    disc_r1_weight: float = 0.0              # gamma of the R1 penalty (gamma / 2) E||grad D||^2 on real features
+    disc_layers: list[str] = field(default_factory=lambda: ["down_blocks.1", "mid_block"])  # teacher blocks tapped
+    disc_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700])  # t_hat: one drawn per sample
+    disc_head_channels: int = 64             # width of each discriminator head
+    # knowledge-distillation levers, every method (stepdistill/methods/levers.py, docs/methods.md):
+    #   L = L_method + data_loss_weight * E||f_student(x_t, t, c) - y||^2 + feature_loss_weight * L_feat
+    data_loss_weight: float = 0.0            # alpha-mix with the plain denoising loss on cached real data (y: the
+                                             # model's native eps / v / x0 target; Hinton et al. 2015's hard label)
+    feature_loss_weight: float = 0.0         # FitNets term: sum over feature_layers of ||h_student - h_teacher||^2 /
+                                             # mean h_teacher^2 at the same noised data input (teacher: adapter off)
+    feature_layers: list[str] = field(default_factory=lambda: ["mid_block"])
+    teachers: list[str] = field(default_factory=list)  # ["MODEL@WEIGHT", ...]: LCD's teacher prediction is their
+                                             # weighted guided prediction sum w_i pred_i / sum w_i; pretrained_model
+                                             # names the student's own base; empty: the base alone
     # bookkeeping
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 3
@@ -87,12 +110,15 @@ class TrainConfig:
     save_diffusers_format: bool = False      # also write the diffusers-native layout under <output_dir>/diffusers/
 
     def __post_init__(self):
+        if isinstance(self.couplings_dir, (list, tuple)):  # a list of coupling directories: one string
+            self.couplings_dir = ",".join(os.fspath(d) for d in self.couplings_dir)
         hints = field_types()
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), hints[f.name]))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                    "process_group_timeout_minutes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
@@ -287,6 +313,8 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
             raise ConfigError(f"{path} must hold a mapping of config keys (key: value lines)")
         _check_keys(data, str(path))
         hints = field_types()
+        if isinstance(data.get("couplings_dir"), list):  # a YAML list of coupling directories: one string
+            data["couplings_dir"] = ",".join(str(d) for d in data["couplings_dir"])
         for key, value in data.items():
             try:
                 data[key] = coerce_value(key, value, hints[key])

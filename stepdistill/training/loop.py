@@ -1,13 +1,18 @@
 """The training loop: one loop for both methods (LCD and reflow), on accelerate.
 
-A step draws a batch from the precomputed cache (no VAE encoder or text encoder in the loop), asks
-the method's objective for a loss, and updates only the LoRA parameters. The teacher is the same
+A step draws a batch from the objective's dataset (rows of the precomputed cache or of the couplings: no VAE
+encoder or text encoder in the loop) through a DataLoader prepared by accelerate, asks the method's objective for a
+loss on it, and updates only the LoRA parameters. The same loop runs under DDP, FSDP and DeepSpeed: every process
+calls ``save_state``, the adapter is read with ``accelerator.get_state_dict`` (gathered from shards where an engine
+shards it), the logged loss is the mean over processes, and the process-group timeout is a config key
+(``process_group_timeout_minutes``). The teacher is the same
 UNet with its adapter disabled (peft), so a LoRA run holds one copy of the base model. The LoRA sits on
 the pipeline's denoiser: its ``unet`` (SD 1.x/2.x/SDXL; LCD or reflow) or, for flow-matching pipelines
 (SD3, FLUX.1; reflow only), its ``transformer`` -- the loop is the same, only the targets, the objective's
-model call and the output layout differ (see :func:`stepdistill.lora.save_trained_adapter`). All of a
-step's randomness comes from a generator seeded by (seed, step, micro-step, process), so a resumed
-run replays exactly the batches, noise and timesteps an uninterrupted one would have used.
+model call and the output layout differ (see :func:`stepdistill.lora.save_trained_adapter`). The batches
+come from a seeded index stream and the rest of a step's randomness from a generator seeded by (seed, step,
+micro-step, process) (:mod:`.batches`), so a resumed run replays exactly the batches, noise and timesteps an
+uninterrupted one would have used.
 Checkpoints (LoRA weights, optimizer, LR scheduler, RNG states) are written to a temporary directory
 and renamed into place, so a crash never leaves a half-written checkpoint behind (:mod:`.checkpoints`).
 
@@ -21,11 +26,17 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -42,6 +53,7 @@ from ..models.family import (
     denoiser_of,
     family_of,
 )
+from .batches import make_dataloader, step_generator, stream_position
 from .checkpoints import (
     LORA_STATE,
     adapter_settings,
@@ -69,8 +81,8 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the ``interrupt_after`` test hook to simulate a crash."""
 
 
-def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 17 + process)
+__all__ = ["TrainingInterrupted", "list_checkpoints", "setup_adapter_and_optimizer", "step_generator", "train",
+           "training_step"]
 
 
 def lora_target_modules(config: TrainConfig, model) -> list[str]:
@@ -115,11 +127,12 @@ def setup_adapter_and_optimizer(config: TrainConfig, denoiser, accelerator):
     return params, optimizer, lr_scheduler
 
 
-def training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config: TrainConfig, gen):
-    """One micro-batch of :func:`train`'s loop: the objective's loss, backward, and (at the end of an accumulation
-    cycle) clipping, optimizer and LR-schedule steps. Returns ``(loss, logs)``."""
+def training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config: TrainConfig, batch, gen):
+    """One micro-batch of :func:`train`'s loop: the objective's loss on ``batch`` (a collated batch of its dataset,
+    on the device), backward, and (at the end of an accumulation cycle) clipping, optimizer and LR-schedule steps.
+    Returns ``(loss, logs)``."""
     with accelerator.accumulate(wrapped):
-        loss, logs = objective.loss(wrapped, accelerator.unwrap_model(wrapped), config.train_batch_size, gen)
+        loss, logs = objective.loss(wrapped, accelerator.unwrap_model(wrapped), batch, gen)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -134,7 +147,10 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     output_dir = Path(config.output_dir)
     check_output_dir(config)  # refuse before anything is loaded or written
     check_model_source(config.pretrained_model)
-    check_mixed_precision(config, PartialState().device)
+    timeout = timedelta(minutes=config.process_group_timeout_minutes)
+    cpu = use_cpu()
+    # the first PartialState starts the process group (under torchrun / accelerate launch): with the timeout
+    check_mixed_precision(config, PartialState(cpu=cpu, timeout=timeout).device)
     candidates = resume_candidates(config) if config.resume_from_checkpoint else []
     log_with = config.report_to if config.report_to not in (None, "none") else None
     accelerator = Accelerator(
@@ -142,6 +158,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         mixed_precision=config.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        cpu=cpu,
     )
 
     set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
@@ -149,17 +167,27 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     denoiser = denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
     family = family_of(pipe)
     objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
+    if not config.validation_prompts:  # the cache/couplings exist: only the denoiser trains on the device
+        offload_unused_components(pipe, denoiser)
     params, optimizer, lr_scheduler = setup_adapter_and_optimizer(config, denoiser, accelerator)
-    wrapped, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    loader = make_dataloader(objective.dataset, config.train_batch_size, config.seed,
+                             getattr(objective, "collate", None))
+    sampler = loader.sampler  # the IndexStream; prepare() keeps this object (its start is set on resume)
+    wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
+    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
+    for extra in getattr(objective, "checkpoint_objects", list)():  # objective state (e.g. a discriminator)
+        accelerator.register_for_checkpointing(extra)  # saved in each checkpoint and resumed with it
 
-    def save_hook(models, weights, path):
+    def save_hook(models, weights, path):  # on every process: get_state_dict gathers sharded weights (collective)
+        sd = lora_state_dict(accelerator, wrapped)
         if accelerator.is_main_process:
-            sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped))
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, os.path.join(path, LORA_STATE))
-        while weights:
+            save_file(sd, os.path.join(path, LORA_STATE))
+        while weights:  # DDP / one process: accelerate would save the whole denoiser; the LoRA file is enough
             weights.pop()
 
     def load_hook(models, path):
+        if not models:  # FSDP / DeepSpeed restore the (sharded) model themselves from the checkpoint
+            return
         state = load_file(os.path.join(path, LORA_STATE))
         raw = accelerator.unwrap_model(wrapped)
         check_state_shapes(Path(path), state, get_peft_model_state_dict(raw))
@@ -187,26 +215,31 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         accelerator.init_trackers("stepdistill", config={k: str(v) for k, v in config.__dict__.items()})
 
     settings = adapter_settings(config)
+    sampler.start = stream_position(global_step, config.gradient_accumulation_steps, accelerator.num_processes,
+                                    config.train_batch_size)
+    batches = iter(loader)
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
                disable=not accelerator.is_local_main_process)
     wrapped.train()
     with bar:  # closed (its line ended) on an error too, so a message starts on a line of its own
         while global_step < config.max_train_steps:
+            losses = []
             for micro in range(config.gradient_accumulation_steps):
                 gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
-                loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config, gen)
+                loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config,
+                                           next(batches), gen)
                 check_finite_loss(accelerator, loss, global_step + 1, config)
+                losses.append(loss.detach().float())
             global_step += 1
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
+            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")  # over processes
+            logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4g}")
             if log_with:
                 accelerator.log(logs, step=global_step)
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 check_finite_weights(params, global_step, config)
-                if accelerator.is_main_process:
-                    save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
-                accelerator.wait_for_everyone()
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
             if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
                     and global_step % config.validation_steps == 0):
                 objective.validate(pipe, accelerator, global_step)
@@ -215,21 +248,56 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
 
     check_finite_weights(params, global_step, config)
     accelerator.wait_for_everyone()
+    state = lora_state_dict(accelerator, wrapped)  # every process: gathered from shards under FSDP / DeepSpeed
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(wrapped)
-        metadata = objective.card(config)
+        metadata = {**objective.card(config), "num_processes": accelerator.num_processes,
+                    "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1]}
         header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
         tag = family.base_model_tag(raw)
-        lora.save_trained_adapter(output_dir, raw, tag, header, metadata["title"])
+        lora.save_trained_adapter(output_dir, raw, tag, header, metadata["title"], state=state)
         if config.save_diffusers_format:
-            lora.save_trained_adapter(output_dir / "diffusers", raw, tag, header, metadata["title"], format="diffusers")
+            lora.save_trained_adapter(output_dir / "diffusers", raw, tag, header, metadata["title"], format="diffusers",
+                                      state=state)
         atomic_write_text(output_dir / "stepdistill_card.json", json.dumps(metadata, indent=1))
         layout = "transformer.* layout" if family.is_flow else "kohya layout"
         atomic_write_text(output_dir / "README.md", model_card_markdown(metadata, layout))
         if config.validation_prompts:
             objective.validate(pipe, accelerator, global_step)
+    accelerator.wait_for_everyone()  # no process starts anything else while the main one is still writing
     accelerator.end_training()
     return output_dir
+
+
+def use_cpu() -> bool:
+    """Train on the CPU: ``ACCELERATE_USE_CPU`` (as ``accelerate launch --cpu`` sets it), or several processes
+    (``WORLD_SIZE`` > 1: torchrun) on a machine without CUDA -- a plain ``PartialState()`` would leave them unaware of
+    each other (distributed type NO), each training alone and writing the same files; with ``cpu`` they form a gloo
+    group (MULTI_CPU)."""
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def lora_state_dict(accelerator, wrapped) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (peft names, fp32, CPU) from ``accelerator.get_state_dict`` -- a full state dict gathered
+    from the shards under FSDP / DeepSpeed ZeRO-3, so call it on every process; processes other than the main one
+    may get an empty dict there."""
+    full = accelerator.get_state_dict(wrapped)
+    if not full:
+        return {}
+    sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped), state_dict=full)
+    return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
+
+
+def offload_unused_components(pipe, denoiser):
+    """Move the pipeline's other modules (VAE, text encoders) to the CPU: once the cache or couplings exist the
+    loop only runs the denoiser."""
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module) and component is not denoiser:
+            component.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resume_from(accelerator, config: TrainConfig, candidates: list[Path]) -> tuple[Path, int]:

@@ -1,0 +1,84 @@
+"""Two processes on CPU (gloo, ``torchrun``): LCD and reflow on a tiny SD pipeline train the same adapter on both
+ranks, resume exactly after an interruption, and record the engine in the model card. (One process: the same
+checks in tests/test_training.py and tests/test_reflow_training.py, via tests/resume_check.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import PROMPTS
+
+from stepdistill.methods import reflow_couplings as RC
+
+HERE = Path(__file__).resolve().parent
+RUN = {"lora_rank": 2, "train_batch_size": 2, "max_train_steps": 4, "checkpointing_steps": 2, "learning_rate": 1e-3,
+       "validation_steps": 0, "report_to": "none", "reflow_time_distribution": "logit_normal"}
+
+
+def launch(tmp_path: Path, config: dict, nproc: int = 2, interrupt_after: int | None = None):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"config": config, "interrupt_after": interrupt_after}))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(HERE / "distributed_worker.py"), str(spec)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def full_crashed_resumed(tmp_path: Path, config: dict) -> Path:
+    """An uninterrupted 2-process run, one interrupted after step 3, and its resumption from checkpoint 2."""
+    out = tmp_path / "runs"
+    launch(tmp_path, dict(config, output_dir=str(out / "full")))
+    launch(tmp_path, dict(config, output_dir=str(out / "crashed")), interrupt_after=3)
+    assert not (out / "crashed" / "checkpoint-4").exists()
+    launch(tmp_path, dict(config, output_dir=str(out / "crashed"), resume_from_checkpoint="latest"))
+    return out
+
+
+def check_ranks_and_resume(out: Path):
+    for run in ("full", "crashed"):  # both ranks end with the same adapter (DDP averaged the gradients)
+        a, b = (load_file(str(out / run / f"params-rank{r}.safetensors")) for r in (0, 1))
+        assert a.keys() == b.keys() and len(a) > 10
+        for k in a:
+            assert torch.equal(a[k], b[k]), (run, k)
+    full = load_file(str(out / "full" / "checkpoint-4" / "lora_state.safetensors"))
+    resumed = load_file(str(out / "crashed" / "checkpoint-4" / "lora_state.safetensors"))
+    start = load_file(str(out / "full" / "checkpoint-2" / "lora_state.safetensors"))
+    assert full.keys() == resumed.keys() and any(not torch.equal(start[k], full[k]) for k in full)
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=1e-6, msg=k)
+    card = json.loads((out / "full" / "stepdistill_card.json").read_text())
+    assert card["num_processes"] == 2 and card["distributed_type"] == "MULTI_CPU"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from stepdistill.toy.teacher import build_random_pipeline
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-sd"
+    pipe = build_random_pipeline(seed=0)
+    pipe.save_pretrained(path)
+    return pipe, str(path)
+
+
+def test_lcd_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
+    _, model = tiny_model
+    out = full_crashed_resumed(tmp_path, dict(RUN, pretrained_model=model, train_data="toy:12", cache_dir=str(tmp_path / "cache"),
+                                w_min=1.0, w_max=3.0))
+    check_ranks_and_resume(out)
+
+
+def test_reflow_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
+    pipe, model = tiny_model
+    RC.generate_couplings(pipe, PROMPTS, tmp_path / "couplings", num_steps=2, num_windows=2, guidance_scale=3.0,
+                          model_id=model, progress=False)
+    out = full_crashed_resumed(tmp_path, dict(RUN, method="reflow", pretrained_model=model, couplings_dir=str(tmp_path / "couplings"),
+                                reflow_windows=2))
+    check_ranks_and_resume(out)
