@@ -33,3 +33,11 @@ def tiny_random_pipe():
     pipe = build_random_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_random_pipe, tmp_path):
+    """``tiny_random_pipe`` saved as a pipeline directory (what ``pretrained_model`` takes)."""
+    path = tmp_path / "tiny-sd"
+    tiny_random_pipe.save_pretrained(path)
+    return str(path)

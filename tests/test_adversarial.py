@@ -31,13 +31,6 @@ def _config(out, model="toy", **kw):
     return load_config(None, **base)
 
 
-@pytest.fixture
-def tiny_model_dir(tiny_random_pipe, tmp_path):
-    path = tmp_path / "tiny-sd"
-    tiny_random_pipe.save_pretrained(path)
-    return str(path)
-
-
 def _objective(pipe, tmp_path, **kw):
     objective = build_objective(_config(tmp_path / "run", **kw), pipe, Accelerator(cpu=True))
     lora.add_lora_to_unet(pipe.unet, rank=4, alpha=4)

@@ -17,13 +17,6 @@ from stepdistill.training.loop import train
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def tiny_model_dir(tiny_random_pipe, tmp_path):
-    path = tmp_path / "tiny-sd"
-    tiny_random_pipe.save_pretrained(path)
-    return str(path)
-
-
 def _config(out, model, **kw):
     base = {"method": "lcd", "pretrained_model": model, "output_dir": str(out), "train_data": "toy:16",
             "lora_rank": 4, "train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 0,

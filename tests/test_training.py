@@ -13,13 +13,6 @@ from stepdistill.errors import DataError
 from stepdistill.training.loop import TrainingInterrupted, list_checkpoints, train
 
 
-@pytest.fixture
-def tiny_model_dir(tiny_random_pipe, tmp_path):
-    path = tmp_path / "tiny-sd"
-    tiny_random_pipe.save_pretrained(path)
-    return str(path)
-
-
 def _config(model, out, **kw):
     base = dict(pretrained_model=model, output_dir=str(out), train_data="toy:48", lora_rank=4, train_batch_size=4,
                 max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3, validation_steps=0, report_to="none",
