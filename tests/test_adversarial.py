@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from resume_check import check_resume_is_exact
 from safetensors.torch import load_file
+from tiny_models import descend, lora_params
 from torch.utils.data import default_collate
 
 from stepdistill import adversarial, lora
@@ -74,10 +75,6 @@ def test_discriminator_reads_the_frozen_teacher_and_no_gradient_reaches_base_wei
     assert any(not torch.equal(a, b) for a, b in zip(heads_before, objective.disc.heads.parameters()))
 
 
-def _lora_params(unet):
-    return [p for n, p in unet.named_parameters() if "lora_" in n]
-
-
 def test_gan_term_and_distillation_term_each_lower_their_loss(tiny_random_pipe, tmp_path):
     objective, batch = _objective(tiny_random_pipe, tmp_path, disc_learning_rate=0.0)  # a fixed discriminator
     unet = tiny_random_pipe.unet
@@ -86,12 +83,8 @@ def test_gan_term_and_distillation_term_each_lower_their_loss(tiny_random_pipe, 
     def gan_term():  # the same batch, noise and t_hat every call
         return objective.gan_loss(unet, unet, batch, torch.Generator().manual_seed(3))[0]
 
-    opt = torch.optim.SGD(_lora_params(unet), lr=0.5)
     first = gan_term()
-    for _ in range(3):
-        opt.zero_grad()
-        gan_term().backward()
-        opt.step()
+    descend(gan_term, lora_params(unet), 3, torch.optim.SGD, lr=0.5)
     assert float(gan_term().detach()) < float(first.detach()) - 1e-3  # the student fools the fixed discriminator more
 
     unet.load_state_dict(state)  # back to the start: now the distillation term alone
@@ -99,12 +92,8 @@ def test_gan_term_and_distillation_term_each_lower_their_loss(tiny_random_pipe, 
     def distill_term():
         return objective.distill.loss(unet, unet, batch, torch.Generator().manual_seed(4))[0]
 
-    opt = torch.optim.Adam(_lora_params(unet), lr=3e-3)
     first = distill_term()
-    for _ in range(3):
-        opt.zero_grad()
-        distill_term().backward()
-        opt.step()
+    descend(distill_term, lora_params(unet), 3, lr=3e-3)
     assert float(distill_term().detach()) < 0.98 * float(first.detach())
 
 

@@ -4,6 +4,7 @@ prediction (the base twice is the base), and bad settings are one-line errors.""
 import pytest
 import torch
 from accelerate import Accelerator
+from tiny_models import descend, lora_params
 from torch.utils.data import default_collate
 
 from stepdistill import lora
@@ -37,10 +38,6 @@ def _perturb_lora(unet, scale=0.05):
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-
-
-def _lora_params(unet):
-    return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 
 def test_data_and_feature_terms_add_their_weighted_losses(tiny_random_pipe, tiny_model_dir, tmp_path):
@@ -77,12 +74,8 @@ def test_each_lever_lowers_its_own_loss(tiny_random_pipe, tiny_model_dir, tmp_pa
         loss, _ = objective.levers.add(zero, {}, unet, unet, 2, torch.Generator().manual_seed(5))
         return loss
 
-    opt = torch.optim.Adam(_lora_params(unet), lr=3e-3)
     first = value()
-    for _ in range(4):
-        opt.zero_grad()
-        step_loss().backward()
-        opt.step()
+    descend(step_loss, lora_params(unet), 4, lr=3e-3)
     assert value() < 0.95 * first
 
 

@@ -11,6 +11,20 @@ from stepdistill import parametrization
 PROMPTS = ["a red circle", "a blue square", "a red circle", "a small green triangle", "a big red square"]
 
 
+def lora_params(model) -> list[torch.nn.Parameter]:
+    """The LoRA parameters (peft ``lora_A`` / ``lora_B``) of ``model``."""
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def descend(loss_fn, params, steps: int, optimizer=torch.optim.Adam, **optimizer_kw):
+    """``steps`` optimizer steps on ``loss_fn()`` (a fresh forward each step) over ``params``."""
+    opt = optimizer(params, **optimizer_kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+
+
 def v_prediction_pipe(pipe):
     from diffusers import PNDMScheduler
 
