@@ -27,13 +27,12 @@ from __future__ import annotations
 import math
 
 import torch
-from accelerate.utils import send_to_device
-from torch.utils.data import default_collate
 
 from .. import adversarial, lcd
 from ..errors import ConfigError
 from ..models.denoiser import model_velocity
 from ..models.family import family_of
+from .base import collate_rows
 from .discriminator import Discriminator, feature_channels
 from .features import FeatureTap, adapters_disabled
 from .lcd import LCDObjective
@@ -87,7 +86,7 @@ class AdversarialObjective:
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.layers = list(config.disc_layers)
         self.disc_timesteps = torch.tensor(config.disc_timesteps, dtype=torch.long)
-        first = send_to_device((getattr(self, "collate", None) or default_collate)([self.dataset[0]]), self.device)
+        first = collate_rows(self.dataset, [0], self.device, getattr(self, "collate", None))
         real, _, _, cond = self.gan_batch(first, torch.Generator().manual_seed(0))
         channels = feature_channels(pipe.unet, self.layers, cond, tuple(real.shape[1:]))
         text_dim = cond["encoder_hidden_states"].shape[-1]

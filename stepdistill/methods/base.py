@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import Dataset, default_collate
 
 from ..data.cache import build_cache, finish_cache, load_cache
@@ -85,16 +86,11 @@ class CachedBatches(Dataset):
         return cond, uncond
 
 
-def collate_rows(dataset, idx, device=None) -> dict:
-    """The batch a DataLoader would collate from rows ``idx`` of ``dataset`` (on ``device`` when given)."""
-    batch = default_collate([dataset[int(i)] for i in idx])
-    return batch if device is None else _to(batch, device)
-
-
-def _to(value, device):
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+def collate_rows(dataset, idx, device=None, collate=None) -> dict:
+    """The batch a DataLoader would collate (with ``collate``, default ``default_collate``) from rows ``idx`` of
+    ``dataset``, on ``device`` when given."""
+    batch = (collate or default_collate)([dataset[int(i)] for i in idx])
+    return batch if device is None else send_to_device(batch, device)
 
 
 def concat_cond(a: dict, b: dict) -> dict:

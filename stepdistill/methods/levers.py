@@ -23,14 +23,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import send_to_device
-from torch.utils.data import default_collate
 
 from .. import adversarial, parametrization
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.pipeline import load_pipeline
-from .base import CachedBatches
+from .base import CachedBatches, collate_rows
 from .features import FeatureTap, adapters_disabled
 
 
@@ -95,7 +93,7 @@ class Levers:
             return loss, logs
         c = self.config
         idx = torch.randint(0, len(self.data), (batch_size,), generator=gen)
-        batch = send_to_device(default_collate([self.data[int(i)] for i in idx]), self.device)
+        batch = collate_rows(self.data, idx, self.device)
         x0 = self.data.latents(batch, gen)
         cond, _ = self.data.conditioning(batch)
         t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=gen).to(self.device)
