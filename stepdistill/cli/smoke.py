@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from ..training.config import load_yaml
+
 SMOKE_ENV = "STEPDISTILL_SMOKE"
 TOY_ITEMS = 32
 TRAIN_STEPS = 4
@@ -48,7 +50,7 @@ def _recipe_train_data(config_path: str | None, overrides: list[str]) -> str | N
             return value.strip()
     if config_path and Path(config_path).is_file():
         try:
-            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+            data = load_yaml(Path(config_path).read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
             return None  # the command itself reports a broken recipe
         if isinstance(data, dict):
