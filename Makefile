@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,plot]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,plot,data]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -28,6 +28,8 @@ multi-teacher averaging, You et al. 2017)::
     L_feat = mean_l  ||h_l^student - h_l^teacher||^2 / mean ||h_l^teacher||^2
     target of several teachers = sum_i w_i pred_i / sum_i w_i
 
+Distribution matching (DMD / DMD2): :func:`distribution_matching_loss`.
+
 Tensors in, tensors out: model calls stay with the caller.
 """
 from __future__ import annotations
@@ -91,6 +93,20 @@ def x0_from_flow(x_s: torch.Tensor, velocity: torch.Tensor, s: torch.Tensor | fl
     s = torch.as_tensor(s, dtype=x_s.dtype, device=x_s.device)
     s = s.reshape(-1, *([1] * (x_s.ndim - 1))) if s.ndim else s
     return x_s - s * velocity
+
+
+def distribution_matching_loss(x: torch.Tensor, pred_real: torch.Tensor, pred_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's generator term (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation", eq. 7
+    and §3.2; DMD2, Yin et al. 2024, eq. 1): the gradient of ``KL(p_fake || p_real)`` at a generated ``x`` is
+    ``s_fake - s_real`` at a noised copy of ``x``; with the two score networks' x0 predictions there it is
+    ``grad = (pred_fake - pred_real) / mean|x - pred_real|`` (normalised per sample), applied through the
+    regression ``0.5 ||x - sg(x - grad)||^2`` whose gradient with respect to ``x`` is proportional to ``grad``:
+    ``x`` moves towards the teacher's (real score's) prediction and away from the fake score's."""
+    dims = list(range(1, x.ndim))
+    pred_real, pred_fake = pred_real.float(), pred_fake.float()
+    norm = (x.detach().float() - pred_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+    grad = torch.nan_to_num((pred_fake - pred_real) / norm)
+    return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad).detach())
 
 
 def feature_matching_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -81,7 +81,8 @@ def test_gan_term_and_distillation_term_each_lower_their_loss(tiny_random_pipe, 
     state = {k: v.clone() for k, v in unet.state_dict().items()}
 
     def gan_term():  # the same batch, noise and t_hat every call
-        return objective.gan_loss(unet, unet, batch, torch.Generator().manual_seed(3))[0]
+        gen = torch.Generator().manual_seed(3)
+        return objective.gan_loss(unet, unet, *objective.gan_batch(batch, gen), gen)[0]
 
     first = gan_term()
     descend(gan_term, lora_params(unet), 3, torch.optim.SGD, lr=0.5)

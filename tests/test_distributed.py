@@ -82,3 +82,31 @@ def test_reflow_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
     out = full_crashed_resumed(tmp_path, dict(RUN, method="reflow", pretrained_model=model, couplings_dir=str(tmp_path / "couplings"),
                                 reflow_windows=2))
     check_ranks_and_resume(out)
+
+
+def test_streaming_lcd_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
+    """data_mode: streaming under 2 processes x 1 DataLoader worker: each rank reads its own resampled shard stream,
+    and the checkpoint gathers both ranks' stream positions so the resumed run continues each exactly."""
+    from test_streaming import write_shards
+
+    _, model = tiny_model
+    shards = write_shards(tmp_path / "wds", n_shards=3, per_shard=4)
+    out = full_crashed_resumed(tmp_path, dict(RUN, pretrained_model=model, train_data=shards, data_mode="streaming",
+                                              dataloader_num_workers=1, w_min=1.0, w_max=3.0))
+    check_ranks_and_resume(out)
+    assert not (out / "full" / "cache").exists()
+
+
+def test_adversarial_with_dmd_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
+    """method: adversarial with the GAN and DMD terms under 2 processes: the discriminator heads and the fake score
+    (not wrapped by accelerate) have their gradients averaged by hand, so both ranks end with the same adapter, and
+    a resumed run continues the LoRA exactly."""
+    _, model = tiny_model
+    out = full_crashed_resumed(tmp_path, dict(RUN, method="adversarial", pretrained_model=model, train_data="toy:12",
+                                              cache_dir=str(tmp_path / "cache"), w_min=1.0, w_max=3.0,
+                                              disc_head_channels=8, gan_loss_weight=0.5, dmd_loss_weight=1.0,
+                                              dmd_fake_rank=2))
+    check_ranks_and_resume(out)
+    disc, fake = (torch.load(out / "full" / "checkpoint-4" / f"custom_checkpoint_{i}.pkl", weights_only=False)
+                  for i in (0, 1))
+    assert disc["heads"] and len(fake["lora"]) > 10  # the heads and the fake score are checkpointed

@@ -14,6 +14,7 @@ import warnings
 
 from ..errors import StepdistillError
 from .cache import add_cache_commands
+from .data import add_data_commands
 from .distill import add_distill_command
 from .eval import add_eval_command
 from .lora import add_lora_commands
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_command(sub)
     add_reflow_commands(sub)
     add_cache_commands(sub)
+    add_data_commands(sub)
     add_eval_command(sub)
     add_lora_commands(sub)
     add_stacking_commands(sub)

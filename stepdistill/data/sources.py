@@ -11,6 +11,7 @@ file (and line) and the fix; an empty caption is an error.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -175,12 +176,33 @@ def hf_dataset_examples(directory: Path, caption_column: str, image_column: str)
             i += 1
 
 
-def webdataset_examples(pattern: str, caption_column: str = "txt") -> Iterator[Example]:
+def import_webdataset():
     try:
-        import webdataset as wds  # optional: only for WebDataset sources
-    except ImportError as e:
-        raise DataError(f"{pattern} are WebDataset shards; pip install webdataset") from e
-    for sample in wds.WebDataset(pattern, shardshuffle=False):  # one sample in memory at a time
+        import webdataset  # optional dependency: only WebDataset sources need it
+    except ImportError:
+        raise DataError("WebDataset shards need the webdataset package: pip install 'stepdistill[data]'") from None
+    return webdataset
+
+
+def is_webdataset(source: str) -> bool:
+    return source.endswith(".tar") or "{" in source
+
+
+def shard_urls(source: str) -> list[str]:
+    """The shard URLs of a WebDataset spec: brace patterns expanded (``path/{00000..00099}.tar``), local glob
+    patterns (``path/*.tar``) matched; DataError when there are none."""
+    if glob.has_magic(source) and "://" not in source:
+        urls = sorted(glob.glob(source))
+    else:
+        urls = list(import_webdataset().shardlists.expand_urls(source))
+    if not urls:
+        raise DataError(f"{source}: no WebDataset shards; give path/{{00000..00099}}.tar, path/*.tar or one .tar")
+    return urls
+
+
+def webdataset_examples(pattern: str, caption_column: str = "txt") -> Iterator[Example]:
+    wds = import_webdataset()
+    for sample in wds.WebDataset(shard_urls(pattern), shardshuffle=False):  # one sample in memory at a time
         key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
         if key is None or caption_column not in sample:
             raise DataError(f"WebDataset sample {sample.get('__key__')} needs an image and a '{caption_column}' entry")
@@ -202,7 +224,7 @@ def load_examples(source: str, caption_column: str = "text", image_column: str =
 def iter_examples(source: str, caption_column: str = "text", image_column: str = "image") -> Iterator[Example]:
     """``source``: ``toy:N``, ``toy:N:SEED`` or ``toy:N:SEED:unique`` (captions made distinct, for benchmarks), a
     directory (image folder, imagefolder with metadata.jsonl, or a ``save_to_disk`` dataset), or WebDataset shards
-    (``path/{00000..00009}.tar`` or a single ``.tar``). Problems with the spec itself are raised at once."""
+    (``path/{00000..00009}.tar``, ``path/*.tar`` or a single ``.tar``). Problems with the spec itself are raised at once."""
     if source.startswith("toy:"):
         parts = source.split(":")
         try:
@@ -212,7 +234,7 @@ def iter_examples(source: str, caption_column: str = "text", image_column: str =
         if n < 1 or len(parts) > 4 or (len(parts) == 4 and parts[3] != "unique"):
             raise DataError(f"training data {source!r}: expected toy:N, toy:N:SEED or toy:N:SEED:unique with N >= 1")
         return iter_toy_examples(n, seed=seed, unique=len(parts) == 4)
-    if source.endswith(".tar") or "{" in source:
+    if is_webdataset(source):
         return webdataset_examples(source)
     path = Path(source)
     if not path.is_dir():

@@ -3,7 +3,7 @@
 Per step, with the student ``G`` = the base UNet with the LoRA, and ``D`` = the frozen teacher (the same UNet,
 adapter disabled) tapped at ``disc_layers`` plus small trainable heads (:mod:`.discriminator`)::
 
-    L_G = L_distill + gan_loss_weight * L_gan(D(renoise(G(x_T), t_hat)))
+    L_G = L_distill + gan_loss_weight * L_gan(D(renoise(G(x_T), t_hat))) + dmd_loss_weight * L_dmd(G(x_T))
     L_D = L_disc(D(renoise(x_real, t_hat)), D(renoise(G(x_T).detach(), t_hat))) + disc_r1_weight / 2 * R1
 
 * ``L_distill`` is another method's objective, composed, not copied: the LCD consistency loss
@@ -16,6 +16,8 @@ adapter disabled) tapped at ``disc_layers`` plus small trainable heads (:mod:`.d
   samples: LADD trains on synthetic teacher data too). ``t_hat`` is drawn per sample from ``disc_timesteps``.
 * ``L_gan`` / ``L_disc``: hinge (ADD/LADD) or non-saturating, R1 on the heads' inputs
   (:mod:`stepdistill.adversarial`).
+* ``L_dmd`` (optional, ``dmd_loss_weight``): DMD's distribution-matching term with the guided teacher as the real
+  score and a second LoRA as the fake score (:mod:`.dmd`), on the same one-step sample ``G(x_T)``.
 
 The discriminator step runs inside :meth:`AdversarialObjective.loss` with its own optimizer, before the
 generator term is formed; its heads and optimizer are checkpointed through :meth:`checkpoint_objects` (never in
@@ -32,8 +34,9 @@ from .. import adversarial, lcd
 from ..errors import ConfigError
 from ..models.denoiser import model_velocity
 from ..models.family import family_of
-from .base import collate_rows
+from .base import first_batch
 from .discriminator import Discriminator, feature_channels
+from .dmd import DistributionMatching
 from .features import FeatureTap, adapters_disabled
 from .lcd import LCDObjective
 from .reflow import ReflowObjective
@@ -53,7 +56,8 @@ class AdversarialObjective:
         DISTILLATIONS[config.adv_distillation].check_config(config)
         if config.gan_loss not in adversarial.GAN_LOSSES:
             raise ConfigError(f"gan_loss must be one of {adversarial.GAN_LOSSES}, got {config.gan_loss!r}")
-        for key in ("gan_loss_weight", "disc_learning_rate", "disc_r1_weight"):
+        for key in ("gan_loss_weight", "disc_learning_rate", "disc_r1_weight", "dmd_loss_weight",
+                    "dmd_fake_learning_rate", "dmd_real_guidance"):
             value = getattr(config, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
@@ -64,6 +68,15 @@ class AdversarialObjective:
                               f"got {config.disc_timesteps}")
         if config.disc_head_channels < 1:
             raise ConfigError(f"disc_head_channels must be >= 1, got {config.disc_head_channels}")
+        if config.dmd_loss_weight > 0:
+            if config.adv_distillation != "lcd":
+                raise ConfigError("dmd_loss_weight > 0 needs adv_distillation: lcd (the DMD term renoises the "
+                                  "one-step sample with the teacher's VP schedule and its empty-prompt guidance)")
+            lo_hi = list(config.dmd_timestep_range)
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < 1000:
+                raise ConfigError(f"dmd_timestep_range must be [low, high] with 0 <= low <= high <= 999, got {lo_hi}")
+            if config.dmd_fake_updates < 1 or config.dmd_fake_rank < 1:
+                raise ConfigError("dmd_fake_updates and dmd_fake_rank must be >= 1")
         if config.adv_distillation == "reflow" and config.reflow_windows != 1:
             raise ConfigError(f"method=adversarial trains a one-step student: with adv_distillation=reflow set "
                               f"reflow_windows=1 (got {config.reflow_windows})")
@@ -86,16 +99,19 @@ class AdversarialObjective:
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.layers = list(config.disc_layers)
         self.disc_timesteps = torch.tensor(config.disc_timesteps, dtype=torch.long)
-        first = collate_rows(self.dataset, [0], self.device, getattr(self, "collate", None))
+        first = first_batch(self.dataset, self.device, getattr(self, "collate", None))
         real, _, _, cond = self.gan_batch(first, torch.Generator().manual_seed(0))
         channels = feature_channels(pipe.unet, self.layers, cond, tuple(real.shape[1:]))
         text_dim = cond["encoder_hidden_states"].shape[-1]
         self.disc = Discriminator(channels, text_dim, config.disc_head_channels, config.disc_learning_rate,
                                   self.device, seed=config.seed)
+        self.dmd = None  # the DMD term's fake score: a second LoRA on the same UNet (methods/dmd.py)
+        if config.dmd_loss_weight > 0:
+            self.dmd = DistributionMatching(config, pipe.unet, accelerator, self.alphas_cumprod, self.prediction_type)
 
     def checkpoint_objects(self) -> list:
         """State the training loop checkpoints beside the LoRA (``accelerator.register_for_checkpointing``)."""
-        return [self.disc]
+        return [self.disc] + ([self.dmd] if self.dmd is not None else [])
 
     # ------------------------------------------------------------------ batches
     def gan_batch(self, batch: dict, gen: torch.Generator):
@@ -157,9 +173,9 @@ class AdversarialObjective:
         disc.heads.requires_grad_(False)  # the generator's backward (in the loop) leaves the heads alone
         return logs
 
-    def gan_loss(self, unet, raw_unet, batch: dict, gen: torch.Generator):
-        """The generator's GAN term (after one discriminator step), with its logs."""
-        real, x, time, cond = self.gan_batch(batch, gen)
+    def gan_loss(self, unet, raw_unet, real, x, time, cond: dict, gen: torch.Generator):
+        """The generator's GAN term (after one discriminator step), its logs and the student's one-step sample
+        (from :meth:`gan_batch`'s ``x`` at ``time``)."""
         batch_size = len(real)
         pick = torch.randint(0, len(self.disc_timesteps), (batch_size,), generator=gen)
         t_hat = self.disc_timesteps[pick].to(self.device)
@@ -172,17 +188,28 @@ class AdversarialObjective:
         text = cond["encoder_hidden_states"]
         logs = self.discriminator_step(real_feats, fake_feats, t_hat, text)
         g = adversarial.generator_loss(self.disc.logits(fake_feats, t_hat, text), self.config.gan_loss)
-        return g, {**logs, "gan_g": float(g.detach())}
+        return g, {**logs, "gan_g": float(g.detach())}, fake
 
     def loss(self, unet, raw_unet, batch: dict, gen: torch.Generator):
-        """``L_distill + gan_loss_weight * L_gan`` (module docstring); ``gan_loss_weight = 0`` is the
-        distillation alone (no discriminator work)."""
+        """``L_distill + gan_loss_weight * L_gan + dmd_loss_weight * L_dmd`` (module docstring); with both weights
+        0 it is the distillation alone (no discriminator or fake-score work)."""
+        c = self.config
         distill_loss, logs = self.distill.loss(unet, raw_unet, batch, gen)
         logs = {**logs, "distill": float(distill_loss.detach())}
-        if self.config.gan_loss_weight == 0:
+        if c.gan_loss_weight == 0 and self.dmd is None:
             return distill_loss, logs
-        g, gan_logs = self.gan_loss(unet, raw_unet, batch, gen)
-        return distill_loss + self.config.gan_loss_weight * g, {**logs, **gan_logs}
+        real, x, time, cond = self.gan_batch(batch, gen)
+        total = distill_loss
+        if c.gan_loss_weight > 0:
+            g, gan_logs, fake = self.gan_loss(unet, raw_unet, real, x, time, cond, gen)
+            total, logs = total + c.gan_loss_weight * g, {**logs, **gan_logs}
+        else:
+            fake = self.one_step_sample(unet, x, time, cond)
+        if self.dmd is not None:  # the same one-step sample, scored by the teacher against the fake score
+            _, uncond = self.distill.data.conditioning(batch)
+            d, dmd_logs = self.dmd.loss(raw_unet, fake, cond, uncond, gen)
+            total, logs = total + c.dmd_loss_weight * d, {**logs, **dmd_logs}
+        return total, logs
 
     # ------------------------------------------------------------------ sampling and card
     def set_student_scheduler(self, pipe):
@@ -199,4 +226,7 @@ class AdversarialObjective:
                 "recommended_steps": 1, "recommended_guidance": self.student_guidance,
                 "gan_loss": config.gan_loss, "gan_loss_weight": config.gan_loss_weight,
                 "disc_layers": ",".join(self.layers), "disc_timesteps": ",".join(map(str, config.disc_timesteps)),
-                "disc_r1_weight": config.disc_r1_weight, "disc_learning_rate": config.disc_learning_rate}
+                "disc_r1_weight": config.disc_r1_weight, "disc_learning_rate": config.disc_learning_rate,
+                "dmd_loss_weight": config.dmd_loss_weight,
+                **({"dmd_real_guidance": config.dmd_real_guidance, "dmd_fake_rank": config.dmd_fake_rank}
+                   if config.dmd_loss_weight > 0 else {})}

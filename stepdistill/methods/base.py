@@ -9,7 +9,8 @@ A method is a class with::
     __init__(config, pipe, accelerator)
     dataset                         # a map-style dataset (``__len__``, ``__getitem__(i) -> dict of tensors``): the
                                     # loop reads it through a DataLoader prepared by accelerate (seeded, resumable
-                                    # order; optional ``collate`` attribute: the DataLoader's collate_fn)
+                                    # order; optional ``collate`` attribute: the DataLoader's collate_fn); or, with
+                                    # ``data_mode: streaming``, a StreamingExamples iterable (images + captions)
     loss(model, raw_model, batch, generator) -> (loss, logs)
                                     # ``batch``: one collated per-device batch of ``dataset``, on the device;
                                     # ``generator``: a CPU generator for the step's other randomness (noise, times)
@@ -21,7 +22,8 @@ A method is a class with::
                                     # state_dict / load_state_dict, e.g. the adversarial method's discriminator)
 
 Adding a method is one module in this package plus one line in ``METHODS`` (``stepdistill/methods/__init__.py``).
-The latent cache (:class:`CachedBatches`) is a component a method may use, not a base class.
+The real-image data (:func:`image_batches`: the latent cache :class:`CachedBatches`, or :class:`StreamedBatches`)
+is a component a method may use, not a base class.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from torch.utils.data import Dataset, default_collate
 
 from ..data.cache import build_cache, finish_cache, load_cache
 from ..data.sources import iter_examples
+from ..data.streaming import StreamingExamples
+from ..models.family import encode_prompts, family_of, sdxl_time_ids
 from ..models.latents import native_resolution
 from ..sampling import generate, image_grid
 
@@ -62,6 +66,11 @@ class CachedBatches(Dataset):
         pooled = self.cache.uncond.get("text_embeds")
         self.uncond_pooled = None if pooled is None else pooled.to(self.device)
 
+    @property
+    def dataset(self):
+        """What the training DataLoader reads: this map-style dataset itself."""
+        return self
+
     def __len__(self) -> int:
         return len(self.cache)
 
@@ -84,6 +93,69 @@ class CachedBatches(Dataset):
             pooled = self.uncond_pooled.expand(n, *self.uncond_pooled.shape).to(batch["text_embeds"])
             uncond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
         return cond, uncond
+
+
+class StreamedBatches:
+    """``data_mode: streaming``: the same interface as :class:`CachedBatches` with images and captions read while
+    training (:class:`~stepdistill.data.streaming.StreamingExamples`, an iterable dataset split over processes and
+    DataLoader workers) and the VAE encoder and text encoder(s) run on each batch, on the device."""
+
+    def __init__(self, config, pipe, accelerator):
+        self.device = accelerator.device
+        self.pipe = pipe
+        self.resolution = config.resolution or native_resolution(pipe)
+        self.dataset = StreamingExamples(config.train_data, self.resolution, config.seed,
+                                         rank=accelerator.process_index, world=accelerator.num_processes,
+                                         num_workers=config.dataloader_num_workers,
+                                         resample=config.streaming_resample, caption_column=config.caption_column,
+                                         image_column=config.image_column)
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+        self.sdxl = family_of(pipe).name == "sdxl"
+        uncond = encode_prompts(pipe, [""], device=self.device)
+        self.uncond = uncond["prompt_embeds"][0].to(self.device)
+        self.uncond_pooled = uncond["pooled"][0].to(self.device) if "pooled" in uncond else None
+
+    @torch.no_grad()
+    def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        """The VAE posterior of the batch's images, sampled with noise from ``gen``, scaled as the UNet sees
+        latents (what :meth:`CachedBatches.latents` gives from the cache)."""
+        vae = self.pipe.vae
+        post = vae.encode(batch["pixel_values"].to(self.device, vae.dtype)).latent_dist
+        mean, std = post.mean.float(), post.std.float()
+        noise = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def conditioning(self, batch: dict) -> tuple[dict, dict]:
+        """``(cond, uncond)`` UNet keyword arguments: the batch's captions encoded now, and the empty prompt."""
+        emb = encode_prompts(self.pipe, list(batch["caption"]), device=self.device)
+        hidden = emb["prompt_embeds"].to(self.device)
+        n = len(hidden)
+        cond = {"encoder_hidden_states": hidden}
+        uncond = {"encoder_hidden_states": self.uncond.expand(n, *self.uncond.shape)}
+        if self.sdxl:
+            time_ids = sdxl_time_ids(self.resolution, self.resolution).expand(n, -1).to(self.device)
+            cond["added_cond_kwargs"] = {"text_embeds": emb["pooled"].to(self.device), "time_ids": time_ids}
+            pooled = self.uncond_pooled.expand(n, *self.uncond_pooled.shape)
+            uncond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return cond, uncond
+
+
+def image_batches(config, pipe, accelerator):
+    """The real-image data of a method: the latent cache (``data_mode: cached``) or the stream."""
+    if config.data_mode == "streaming":
+        return StreamedBatches(config, pipe, accelerator)
+    return CachedBatches(config, pipe, accelerator)
+
+
+def first_batch(dataset, device=None, collate=None) -> dict:
+    """A one-example batch of ``dataset`` (its row 0, or the first sample of a stream), for probing shapes."""
+    if isinstance(dataset, StreamingExamples):
+        row = next(dataset.iter_stream(0))
+        batch = (collate or default_collate)([row])
+        return batch if device is None else send_to_device(batch, device)
+    return collate_rows(dataset, [0], device, collate)
 
 
 def collate_rows(dataset, idx, device=None, collate=None) -> dict:
@@ -137,4 +209,4 @@ def common_card(config) -> dict:
     """The model-card entries every method records."""
     return {"train_steps": config.max_train_steps, "train_batch_size": config.train_batch_size,
             "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank,
-            "learning_rate": config.learning_rate}
+            "learning_rate": config.learning_rate, "data_mode": config.data_mode}

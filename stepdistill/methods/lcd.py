@@ -8,7 +8,7 @@ from diffusers import LCMScheduler
 from .. import lcd, parametrization, solvers
 from ..errors import ConfigError
 from ..models.family import family_of
-from .base import CachedBatches, common_card, concat_cond, validate_with_pipeline
+from .base import common_card, concat_cond, image_batches, validate_with_pipeline
 from .levers import Levers, Teachers
 
 
@@ -32,7 +32,8 @@ class LCDObjective:
         self.config = config
         self.device = accelerator.device
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.data = self.dataset = CachedBatches(config, pipe, accelerator)
+        self.data = image_batches(config, pipe, accelerator)  # the latent cache, or the stream
+        self.dataset = self.data.dataset
         self.resolution = self.data.resolution
         alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
         self.alphas_cumprod = alphas_cumprod.to(self.device)
@@ -69,7 +70,7 @@ class LCDObjective:
             target = lcd.consistency_output(x_prev, target_out, t_prev, self.alphas_cumprod, self.prediction_type,
                                             timestep_scaling=c.timestep_scaling_factor)
         loss = lcd.consistency_loss(model_pred, target, c.loss_type, c.huber_c)
-        return self.levers.add(loss, {}, unet, raw_unet, batch_size, gen)  # KD levers (0 by default: no-op)
+        return self.levers.add(loss, {}, unet, raw_unet, batch_size, gen, batch)  # KD levers (0 by default: no-op)
 
     def set_student_scheduler(self, pipe):
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

@@ -28,7 +28,7 @@ from .. import adversarial, parametrization
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.pipeline import load_pipeline
-from .base import CachedBatches, collate_rows
+from .base import CachedBatches, StreamedBatches, collate_rows, image_batches
 from .features import FeatureTap, adapters_disabled
 
 
@@ -82,18 +82,24 @@ class Levers:
             raise ConfigError("data_loss_weight / feature_loss_weight need a UNet (SD 1.x/2.x, SDXL) model; "
                               f"{config.pretrained_model} is a flow-matching {type(pipe).__name__}")
         self.device = accelerator.device
-        self.data = data if data is not None else CachedBatches(config, pipe, accelerator)
+        if data is None and config.data_mode == "streaming":
+            raise ConfigError(f"data_loss_weight / feature_loss_weight with method={config.method} read real images "
+                              "from the latent cache: set data_mode: cached (streaming feeds LCD's own batches)")
+        self.data = data if data is not None else image_batches(config, pipe, accelerator)
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float().to(self.device)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
 
-    def add(self, loss, logs: dict, unet, raw_unet, batch_size: int, gen: torch.Generator):
-        """``loss + data_loss_weight * L_data + feature_loss_weight * L_feat`` and the logs with both terms."""
+    def add(self, loss, logs: dict, unet, raw_unet, batch_size: int, gen: torch.Generator, batch: dict | None = None):
+        """``loss + data_loss_weight * L_data + feature_loss_weight * L_feat`` and the logs with both terms. The
+        data are ``batch_size`` random rows of the cache or, when the method streams (no random access), the
+        method's own ``batch`` again (fresh noise and timesteps)."""
         if not self.active:
             return loss, logs
         c = self.config
-        idx = torch.randint(0, len(self.data), (batch_size,), generator=gen)
-        batch = collate_rows(self.data, idx, self.device)
+        if not isinstance(self.data, StreamedBatches):
+            idx = torch.randint(0, len(self.data), (batch_size,), generator=gen)
+            batch = collate_rows(self.data, idx, self.device)
         x0 = self.data.latents(batch, gen)
         cond, _ = self.data.conditioning(batch)
         t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=gen).to(self.device)

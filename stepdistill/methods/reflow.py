@@ -50,6 +50,9 @@ class ReflowObjective:
 
     @classmethod
     def check_config(cls, config):
+        if config.data_mode == "streaming":
+            raise ConfigError("data_mode: streaming feeds methods that read images (lcd, adversarial with lcd); "
+                              "reflow trains from its couplings, read from disk as it goes: set data_mode: cached")
         if config.reflow_loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"reflow_loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                               f"got {config.reflow_loss_weighting!r}")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from ..errors import StepdistillError
 
 _MASK64 = (1 << 64) - 1
 
@@ -57,7 +59,24 @@ def stream_position(step: int, accumulation: int, num_processes: int, batch_size
     return step * accumulation * num_processes * batch_size
 
 
-def make_dataloader(dataset, batch_size: int, seed: int, collate_fn=None) -> DataLoader:
-    """The training DataLoader over ``dataset`` (not yet prepared); its sampler is an :class:`IndexStream`."""
+def next_batch(batches):
+    """``next(batches)``; a known error raised in a DataLoader worker (which the DataLoader re-raises with the
+    worker's traceback in its message) comes back with the worker's own one-line message."""
+    try:
+        return next(batches)
+    except StepdistillError as e:
+        text = str(e).strip()
+        if "Original Traceback" not in text:
+            raise
+        last = text.splitlines()[-1]
+        raise type(e)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
+def make_dataloader(dataset, batch_size: int, seed: int, collate_fn=None, num_workers: int = 0) -> DataLoader:
+    """The training DataLoader over ``dataset`` (not yet prepared): for a map-style dataset its sampler is an
+    :class:`IndexStream`; an iterable dataset (``data_mode: streaming``) orders and splits its streams itself."""
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=collate_fn,
+                          num_workers=num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=IndexStream(len(dataset), seed), drop_last=True,
-                      collate_fn=collate_fn, num_workers=0)
+                      collate_fn=collate_fn, num_workers=num_workers)

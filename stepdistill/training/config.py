@@ -41,6 +41,12 @@ class TrainConfig:
     image_column: str = "image"
     resolution: int | None = None            # default: the UNet's native size (sample_size x VAE factor)
     cache_dir: str | None = None             # default: <output_dir>/cache
+    data_mode: str = "cached"                # "cached": encode train_data once into the latent cache (small and
+                                             # mid-size sets); "streaming": read images while training and run the
+                                             # VAE / text encoder each step (WebDataset shards at LAION scale)
+    dataloader_num_workers: int = 0          # DataLoader worker processes per training process
+    streaming_resample: bool = True          # streaming WebDataset: draw shards with replacement per stream
+                                             # (ResampledShards); false: split the shards over processes x workers
     couplings_dir: str | None = None         # reflow: directory written by `stepdistill reflow couple`; several:
                                              # a YAML list, comma-separated, or glob patterns (couplings/part-*)
     # LoRA
@@ -89,6 +95,12 @@ class TrainConfig:
     disc_layers: list[str] = field(default_factory=lambda: ["down_blocks.1", "mid_block"])  # teacher blocks tapped
     disc_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700])  # t_hat: one drawn per sample
     disc_head_channels: int = 64             # width of each discriminator head
+    dmd_loss_weight: float = 0.0             # + dmd_loss_weight * L_dmd (DMD/DMD2 distribution matching); 0: off
+    dmd_real_guidance: float = 1.75          # CFG scale of the real score (the teacher), as DMD2's SD recipe
+    dmd_fake_rank: int = 16                  # rank of the fake score's LoRA (a second adapter on the same UNet)
+    dmd_fake_learning_rate: float = 1e-4     # its AdamW learning rate
+    dmd_fake_updates: int = 1                # fake-score updates per generator step (DMD2's two time-scale rule: 5)
+    dmd_timestep_range: list[int] = field(default_factory=lambda: [20, 980])  # t of the DM gradient, uniform
     # knowledge-distillation levers, every method (stepdistill/methods/levers.py, docs/methods.md):
     #   L = L_method + data_loss_weight * E||f_student(x_t, t, c) - y||^2 + feature_loss_weight * L_feat
     data_loss_weight: float = 0.0            # alpha-mix with the plain denoising loss on cached real data (y: the
@@ -121,7 +133,9 @@ class TrainConfig:
                     "process_group_timeout_minutes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
+        if self.data_mode not in ("cached", "streaming"):
+            raise ConfigError(f"data_mode must be 'cached' or 'streaming', got {self.data_mode!r}")
+        for key in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):

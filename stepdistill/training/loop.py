@@ -2,7 +2,10 @@
 
 A step draws a batch from the objective's dataset (rows of the precomputed cache or of the couplings: no VAE
 encoder or text encoder in the loop) through a DataLoader prepared by accelerate, asks the method's objective for a
-loss on it, and updates only the LoRA parameters. The same loop runs under DDP, FSDP and DeepSpeed: every process
+loss on it, and updates only the LoRA parameters. With ``data_mode: streaming`` the dataset is an iterable of images
+and captions that splits itself over processes and workers (:mod:`stepdistill.data.streaming`): its DataLoader is
+not prepared (batches are moved to the device here), the objective runs the VAE and text encoder on each batch, and
+each checkpoint records every process's stream positions (:class:`~stepdistill.data.streaming.StreamState`). The same loop runs under DDP, FSDP and DeepSpeed: every process
 calls ``save_state``, the adapter is read with ``accelerator.get_state_dict`` (gathered from shards where an engine
 shards it), the logged loss is the mean over processes, and the process-group timeout is a config key
 (``process_group_timeout_minutes``). The teacher is the same
@@ -35,16 +38,19 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
     ProjectConfiguration,
     parse_flag_from_env,
+    send_to_device,
     set_seed,
 )
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from .. import lora
 from ..atomic import atomic_write_text
+from ..data.streaming import StreamState
 from ..errors import CheckpointError, StepdistillError, TrainingDiverged
 from ..methods import build_objective
 from ..models.family import (
@@ -53,7 +59,7 @@ from ..models.family import (
     denoiser_of,
     family_of,
 )
-from .batches import make_dataloader, step_generator, stream_position
+from .batches import make_dataloader, next_batch, step_generator, stream_position
 from .checkpoints import (
     LORA_STATE,
     adapter_settings,
@@ -167,16 +173,25 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     denoiser = denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
     family = family_of(pipe)
     objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
-    if not config.validation_prompts:  # the cache/couplings exist: only the denoiser trains on the device
+    streaming = isinstance(objective.dataset, IterableDataset)  # data_mode: streaming (VAE/text encoder per step)
+    if not config.validation_prompts and not streaming:  # the cache/couplings exist: only the denoiser trains
         offload_unused_components(pipe, denoiser)
     params, optimizer, lr_scheduler = setup_adapter_and_optimizer(config, denoiser, accelerator)
     loader = make_dataloader(objective.dataset, config.train_batch_size, config.seed,
-                             getattr(objective, "collate", None))
-    sampler = loader.sampler  # the IndexStream; prepare() keeps this object (its start is set on resume)
-    wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
+                             getattr(objective, "collate", None), config.dataloader_num_workers)
+    if streaming:  # each process reads its own streams: the loader is not sharded again by prepare()
+        set_deepspeed_micro_batch(accelerator, config.train_batch_size)
+        wrapped, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+        stream_state = StreamState(accelerator.num_processes, objective.dataset.local_streams,
+                                   accelerator.process_index)
+    else:
+        sampler = loader.sampler  # the IndexStream; prepare() keeps this object (its start is set on resume)
+        wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
     for extra in getattr(objective, "checkpoint_objects", list)():  # objective state (e.g. a discriminator)
         accelerator.register_for_checkpointing(extra)  # saved in each checkpoint and resumed with it
+    if streaming:
+        accelerator.register_for_checkpointing(stream_state)  # where every stream of every process stands
 
     def save_hook(models, weights, path):  # on every process: get_state_dict gathers sharded weights (collective)
         sd = lora_state_dict(accelerator, wrapped)
@@ -215,8 +230,12 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         accelerator.init_trackers("stepdistill", config={k: str(v) for k, v in config.__dict__.items()})
 
     settings = adapter_settings(config)
-    sampler.start = stream_position(global_step, config.gradient_accumulation_steps, accelerator.num_processes,
-                                    config.train_batch_size)
+    if streaming:  # each stream from its next unread sample; workers rotated to continue the round-robin
+        objective.dataset.start = stream_state.start_of(accelerator.process_index)
+        objective.dataset.rotation = global_step * config.gradient_accumulation_steps % objective.dataset.local_streams
+    else:
+        sampler.start = stream_position(global_step, config.gradient_accumulation_steps, accelerator.num_processes,
+                                        config.train_batch_size)
     batches = iter(loader)
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
                disable=not accelerator.is_local_main_process)
@@ -226,8 +245,12 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
             losses = []
             for micro in range(config.gradient_accumulation_steps):
                 gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
+                batch = next_batch(batches)
+                if streaming:
+                    stream_state.consumed(batch["stream_position"])
+                    batch = send_to_device(batch, accelerator.device)
                 loss, logs = training_step(accelerator, wrapped, objective, optimizer, lr_scheduler, params, config,
-                                           next(batches), gen)
+                                           batch, gen)
                 check_finite_loss(accelerator, loss, global_step + 1, config)
                 losses.append(loss.detach().float())
             global_step += 1
@@ -239,6 +262,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
                 accelerator.log(logs, step=global_step)
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 check_finite_weights(params, global_step, config)
+                if streaming:
+                    stream_state.gather(accelerator)  # every process's stream positions into the checkpoint
                 save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
             if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
                     and global_step % config.validation_steps == 0):
@@ -288,6 +313,13 @@ def lora_state_dict(accelerator, wrapped) -> dict[str, torch.Tensor]:
         return {}
     sd = get_peft_model_state_dict(accelerator.unwrap_model(wrapped), state_dict=full)
     return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
+
+
+def set_deepspeed_micro_batch(accelerator, batch_size: int):
+    """DeepSpeed takes its micro-batch size from the prepared DataLoader; a streaming run prepares none, so set it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def offload_unused_components(pipe, denoiser):
