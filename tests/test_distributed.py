@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,15 @@ def launch(tmp_path: Path, config: dict, nproc: int = 2, interrupt_after: int | 
 
 
 def full_crashed_resumed(tmp_path: Path, config: dict) -> Path:
-    """An uninterrupted 2-process run, one interrupted after step 3, and its resumption from checkpoint 2."""
+    """An uninterrupted 2-process run (4 steps, a checkpoint every 2), and a run resumed from its checkpoint 2: a
+    copy of its directory as a crash after step 3 would leave it (checkpoint 2, no checkpoint 4, no adapter; an
+    interrupted run writes the same checkpoint 2, as tests/resume_check.py checks with a real interruption)."""
     out = tmp_path / "runs"
     launch(tmp_path, dict(config, output_dir=str(out / "full")))
-    launch(tmp_path, dict(config, output_dir=str(out / "crashed")), interrupt_after=3)
-    assert not (out / "crashed" / "checkpoint-4").exists()
+    shutil.copytree(out / "full", out / "crashed")
+    shutil.rmtree(out / "crashed" / "checkpoint-4")
+    for name in ("pytorch_lora_weights.safetensors", "stepdistill_card.json", "README.md"):
+        (out / "crashed" / name).unlink()
     launch(tmp_path, dict(config, output_dir=str(out / "crashed"), resume_from_checkpoint="latest"))
     return out
 
@@ -84,29 +89,22 @@ def test_reflow_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
     check_ranks_and_resume(out)
 
 
-def test_streaming_lcd_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
-    """data_mode: streaming under 2 processes x 1 DataLoader worker: each rank reads its own resampled shard stream,
-    and the checkpoint gathers both ranks' stream positions so the resumed run continues each exactly."""
+def test_adversarial_dmd_streaming_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
+    """method: adversarial with the GAN and DMD terms, on streamed WebDataset shards, under 2 processes x 1
+    DataLoader worker. The discriminator heads and the fake score (not wrapped by accelerate) have their gradients
+    averaged by hand, each rank reads its own resampled shard stream, and a checkpoint gathers both ranks' stream
+    positions: both ranks end with the same adapter and a resumed run continues exactly."""
     from test_streaming import write_shards
 
     _, model = tiny_model
     shards = write_shards(tmp_path / "wds", n_shards=3, per_shard=4)
-    out = full_crashed_resumed(tmp_path, dict(RUN, pretrained_model=model, train_data=shards, data_mode="streaming",
-                                              dataloader_num_workers=1, w_min=1.0, w_max=3.0))
-    check_ranks_and_resume(out)
-    assert not (out / "full" / "cache").exists()
-
-
-def test_adversarial_with_dmd_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
-    """method: adversarial with the GAN and DMD terms under 2 processes: the discriminator heads and the fake score
-    (not wrapped by accelerate) have their gradients averaged by hand, so both ranks end with the same adapter, and
-    a resumed run continues the LoRA exactly."""
-    _, model = tiny_model
-    out = full_crashed_resumed(tmp_path, dict(RUN, method="adversarial", pretrained_model=model, train_data="toy:12",
-                                              cache_dir=str(tmp_path / "cache"), w_min=1.0, w_max=3.0,
+    out = full_crashed_resumed(tmp_path, dict(RUN, method="adversarial", pretrained_model=model, train_data=shards,
+                                              data_mode="streaming", dataloader_num_workers=1, w_min=1.0, w_max=3.0,
                                               disc_head_channels=8, gan_loss_weight=0.5, dmd_loss_weight=1.0,
                                               dmd_fake_rank=2))
     check_ranks_and_resume(out)
-    disc, fake = (torch.load(out / "full" / "checkpoint-4" / f"custom_checkpoint_{i}.pkl", weights_only=False)
-                  for i in (0, 1))
+    assert not (out / "full" / "cache").exists()  # streamed: nothing cached
+    disc, fake, stream = (torch.load(out / "full" / "checkpoint-4" / f"custom_checkpoint_{i}.pkl",
+                                     weights_only=False) for i in (0, 1, 2))
     assert disc["heads"] and len(fake["lora"]) > 10  # the heads and the fake score are checkpointed
+    assert stream["positions"].shape == (2, 1, 2) and stream["positions"][:, 0, :].sum() > 0

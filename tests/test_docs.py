@@ -112,3 +112,15 @@ def test_runner_catches_a_failing_command(tmp_path):
     assert why and "exit 2" in why
     assert run_command(_cmd("false"), wd).startswith("exit 1")
     assert run_snippet("import nonexistent_module_xyz", wd).startswith("ModuleNotFoundError")
+
+
+def test_smoke_shrinks_sizes_only():
+    from stepdistill.cli import parse_args
+    from stepdistill.cli.smoke import shrink_args
+
+    args = parse_args(["stack-eval", "--style", "s", "--accel", "a", "--num-prompts", "96"])
+    shrink_args(args)
+    assert (args.accel_weights, args.style_weights, args.num_prompts) == ("0.5,1.0", "0.5,1.0", 4)
+    args = parse_args(["distill", "--config", "configs/toy-lcm-lora.yaml", "train_data=toy:4000:3", "w_min=2"])
+    shrink_args(args)
+    assert args.overrides == ["train_data=toy:32:3", "w_min=2", "max_train_steps=4"]

@@ -9,7 +9,8 @@ still fails. Figures from a smoke run mean nothing; the command says so on stder
 What shrinks: ``toy:N[:...]`` prompt and data specs (arguments, ``key=value`` overrides and the recipe's
 ``train_data``) to at most :data:`TOY_ITEMS`; training steps (``max_train_steps``, ``--finetune-steps``,
 `train-style --steps`) to :data:`TRAIN_STEPS`; ``--num-prompts`` to :data:`PROMPTS`; `train-style
---n-images` to :data:`TOY_ITEMS`. Sampling steps and guidance are never changed.
+--n-images` to :data:`TOY_ITEMS`; weight sweeps (`stack-eval --accel-weights / --style-weights`) to two
+weights (the first, and 1 where the sweep has it). Sampling steps and guidance are never changed.
 """
 from __future__ import annotations
 
@@ -41,6 +42,22 @@ def shrink_toy_spec(value):
     if not m or int(m.group(1)) <= TOY_ITEMS:
         return value
     return f"toy:{TOY_ITEMS}{m.group(2) or ''}"
+
+
+def shrink_weight_sweep(value: str) -> str:
+    """``0.5,0.75,1.0,1.25`` -> ``0.5,1.0``: the first weight and 1 (or the last, where 1 is not swept)."""
+    weights = [w.strip() for w in value.split(",") if w.strip()]
+    if len(weights) <= 2:
+        return value
+    one = next((w for w in weights if _is_one(w)), weights[-1])
+    return ",".join([weights[0], one] if one != weights[0] else weights[:2])
+
+
+def _is_one(text: str) -> bool:
+    try:
+        return float(text) == 1.0
+    except ValueError:
+        return False
 
 
 def _recipe_train_data(config_path: str | None, overrides: list[str]) -> str | None:
@@ -82,6 +99,9 @@ def shrink_args(args) -> list[str]:
             cap(name, shrink_toy_spec(value))
         elif isinstance(value, list) and value and all(isinstance(v, str) for v in value) and name != "overrides":
             cap(name, [shrink_toy_spec(v) for v in value])
+    for name in ("accel_weights", "style_weights"):
+        if isinstance(getattr(args, name, None), str):
+            cap(name, shrink_weight_sweep(getattr(args, name)))
     for name, limit in (("num_prompts", PROMPTS), ("n_images", TOY_ITEMS), ("finetune_steps", TRAIN_STEPS)):
         if isinstance(getattr(args, name, None), int):
             cap(name, min(getattr(args, name), limit))
