@@ -120,7 +120,11 @@ def test_smoke_shrinks_sizes_only():
 
     args = parse_args(["stack-eval", "--style", "s", "--accel", "a", "--num-prompts", "96"])
     shrink_args(args)
-    assert (args.accel_weights, args.style_weights, args.num_prompts) == ("0.5,1.0", "0.5,1.0", 4)
+    assert (args.accel_weights, args.style_weights, args.num_prompts, args.n_reference) == ("0.5,1.0", "0.5,1.0", 4,
+                                                                                               32)
+    args = parse_args(["transfer-eval", "--accel", "a"])
+    shrink_args(args)
+    assert (args.finetune_steps, args.finetune_images, args.steps) == (4, 32, 4)  # sampling steps stay
     args = parse_args(["distill", "--config", "configs/toy-lcm-lora.yaml", "train_data=toy:4000:3", "w_min=2"])
     shrink_args(args)
     assert args.overrides == ["train_data=toy:32:3", "w_min=2", "max_train_steps=4"]

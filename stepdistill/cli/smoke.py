@@ -9,7 +9,7 @@ still fails. Figures from a smoke run mean nothing; the command says so on stder
 What shrinks: ``toy:N[:...]`` prompt and data specs (arguments, ``key=value`` overrides and the recipe's
 ``train_data``) to at most :data:`TOY_ITEMS`; training steps (``max_train_steps``, ``--finetune-steps``,
 `train-style --steps`) to :data:`TRAIN_STEPS`; ``--num-prompts`` to :data:`PROMPTS`; `train-style
---n-images` to :data:`TOY_ITEMS`; weight sweeps (`stack-eval --accel-weights / --style-weights`) to two
+--n-images`, `transfer-eval --finetune-images` and `stack-eval --n-reference` to :data:`TOY_ITEMS`; weight sweeps (`stack-eval --accel-weights / --style-weights`) to two
 weights (the first, and 1 where the sweep has it). Sampling steps and guidance are never changed.
 """
 from __future__ import annotations
@@ -102,7 +102,8 @@ def shrink_args(args) -> list[str]:
     for name in ("accel_weights", "style_weights"):
         if isinstance(getattr(args, name, None), str):
             cap(name, shrink_weight_sweep(getattr(args, name)))
-    for name, limit in (("num_prompts", PROMPTS), ("n_images", TOY_ITEMS), ("finetune_steps", TRAIN_STEPS)):
+    for name, limit in (("num_prompts", PROMPTS), ("n_images", TOY_ITEMS), ("finetune_steps", TRAIN_STEPS),
+                        ("finetune_images", TOY_ITEMS), ("n_reference", TOY_ITEMS)):
         if isinstance(getattr(args, name, None), int):
             cap(name, min(getattr(args, name), limit))
     if getattr(args, "command", None) in _TRAINING_COMMANDS and isinstance(getattr(args, "steps", None), int):

@@ -45,7 +45,7 @@ def cmd_train_style(args):
 def cmd_stack_eval(args):
     report = stack_sweep(args.base, args.style, args.accel, args.out, n_prompts=args.num_prompts,
                          accel_weights=_floats(args.accel_weights), style_weights=_floats(args.style_weights),
-                         steps=args.steps, seed=args.seed, device=args.device or "cpu")
+                         steps=args.steps, seed=args.seed, device=args.device or "cpu", n_reference=args.n_reference)
     b = report["recommended"]
     print(f"wrote {args.out}/results.json, results.md, grid.png; recommended accel {b.get('accel_weight')} "
           f"+ style {b.get('style_weight')}")
@@ -56,7 +56,8 @@ def cmd_transfer_eval(args):
     if finetuned is None:
         finetuned = str(finetune_base(args.base, Path(args.out) / "finetuned",
                                       FinetuneRecipe(shift=args.shift, style=args.finetune_style,
-                                                     steps=args.finetune_steps, seed=args.seed),
+                                                     steps=args.finetune_steps, n_images=args.finetune_images,
+                                                     seed=args.seed),
                                       device=args.device or "cpu"))
     transfer_eval(args.base, finetuned, args.accel, args.out, n_prompts=args.num_prompts, steps=args.steps,
                   seed=args.seed, device=args.device or "cpu")
@@ -90,6 +91,8 @@ def add_stacking_commands(subparsers):
     _run_options(s, "out/stack")
     s.add_argument("--accel-weights", default=",".join(map(str, ACCEL_WEIGHTS)))
     s.add_argument("--style-weights", default=",".join(map(str, STYLE_WEIGHTS)))
+    s.add_argument("--n-reference", type=int, default=500,
+                   help="real renders whose style strength (raw and through the VAE) the report gives as reference")
     s.set_defaults(func=cmd_stack_eval)
 
     r = subparsers.add_parser("transfer-eval", help="apply an acceleration LoRA to a fine-tuned base and compare")
@@ -100,5 +103,6 @@ def add_stacking_commands(subparsers):
     r.add_argument("--finetune-style", default="none", choices=["none", "hollow"],
                    help="render the fine-tune data in a style (a stylised checkpoint)")
     r.add_argument("--finetune-steps", type=int, default=300)
+    r.add_argument("--finetune-images", type=int, default=3000, help="scenes in the fine-tune's data pool")
     _run_options(r, "out/transfer")
     r.set_defaults(func=cmd_transfer_eval)

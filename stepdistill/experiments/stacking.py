@@ -120,7 +120,7 @@ def recommend(results: list[dict], reference_label: str) -> dict:
 def stack_sweep(base: str, style_lora: str, accel_lora: str, out_dir: str | Path, n_prompts: int = 96,
                 accel_weights=ACCEL_WEIGHTS, style_weights=STYLE_WEIGHTS, steps: int = 4, ref_steps: int = 50,
                 guidance: float | None = None, seed: int = 0, grid_prompts: int = 10, device: str = "cpu",
-                vae_reference: bool = True) -> dict:
+                vae_reference: bool = True, n_reference: int = 500) -> dict:
     guidance = TOY_GUIDANCE if guidance is None else guidance
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,8 @@ def stack_sweep(base: str, style_lora: str, accel_lora: str, out_dir: str | Path
         "base": base, "style_lora": str(style_lora), "accel_lora": str(accel_lora), "adapters": adapters,
         "n_prompts": n_prompts, "seed": seed, "guidance": guidance, "steps": steps, "ref_steps": ref_steps,
         "style": style_name,
-        "style_strength_real": reference_strengths(vae=pipe.vae if vae_reference else None, style=style_name),
+        "style_strength_real": reference_strengths(n=n_reference, vae=pipe.vae if vae_reference else None,
+                                                   style=style_name),
         "cells": results, "recommended": best, "reference_cell": "style 1",
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }
