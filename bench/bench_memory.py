@@ -56,6 +56,14 @@ def peak_rss_mb(cmd: list[str], log: Path) -> tuple[float, float, float, float]:
     return usage.ru_maxrss / 1024, anon / 1024, file / 1024, time.perf_counter() - t0
 
 
+def report(text: str, write: bool = True):
+    """Print a results section and (``write``) append it to bench/RESULTS.md."""
+    print(text)
+    if write:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000])
@@ -98,11 +106,7 @@ def main():
     verdict = "under" if max(growth_build, growth_train) < 0.15 else "NOT under"
     lines += ["", (f"- growth {first[0]} -> {last[0]}: build {growth_build:+.1%}, training {growth_train:+.1%} "
               f"({verdict} the 15% target); anonymous memory: build {anon_build:+.1%}, training {anon_train:+.1%}"), ""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    report("\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_memory import RECIPE, ROOT, peak_rss_mb
+from bench_memory import RECIPE, ROOT, peak_rss_mb, report
 
 CLI = [sys.executable, "-m", "stepdistill.cli"]
 
@@ -101,11 +101,7 @@ def main():
                "steps)) / difference; toy VAE and text encoder, so the ratio is not SD's):"), "",
               "| data | ms per step | vs cached |", "|---|---|---|"]
     lines += [f"| {m} | {v * 1000:.0f} | {v / base:.2f}x |" for m, v in step_rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    report("\n".join(lines) + "\n", write=not args.no_write)
 
 
 if __name__ == "__main__":

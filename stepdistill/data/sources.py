@@ -200,20 +200,32 @@ def shard_urls(source: str) -> list[str]:
     return urls
 
 
+def webdataset_sample(sample: dict, caption_key: str, where: str) -> tuple[bytes, str]:
+    """``(image bytes, caption)`` of one WebDataset sample (its first png/jpg/jpeg/webp entry and ``caption_key``,
+    decoded as UTF-8); DataError naming the sample (``where``: its shard) and the fix."""
+    key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+    if key is None or caption_key not in sample:
+        raise DataError(f"WebDataset sample {sample.get('__key__')} ({where}) needs an image (png/jpg/webp) and a "
+                        f"'{caption_key}' entry")
+    caption = sample[caption_key]
+    try:
+        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    except UnicodeDecodeError as e:
+        raise DataError(f"WebDataset sample {sample.get('__key__')} ({where}): caption is not UTF-8 ({e.reason} at "
+                        f"byte {e.start}); re-encode it as UTF-8") from None
+    return sample[key], caption
+
+
+def open_image_bytes(data: bytes):
+    """A loader of an encoded image held in memory (RGB on load)."""
+    return lambda: Image.open(io.BytesIO(data)).convert("RGB")
+
+
 def webdataset_examples(pattern: str, caption_column: str = "txt") -> Iterator[Example]:
     wds = import_webdataset()
     for sample in wds.WebDataset(shard_urls(pattern), shardshuffle=False):  # one sample in memory at a time
-        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        if key is None or caption_column not in sample:
-            raise DataError(f"WebDataset sample {sample.get('__key__')} needs an image and a '{caption_column}' entry")
-        data, caption = sample[key], sample[caption_column]
-        try:
-            caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        except UnicodeDecodeError as e:
-            raise DataError(f"WebDataset sample {sample['__key__']} ({sample.get('__url__', pattern)}): caption is not "
-                            f"UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
-        yield Example((lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, sample["__key__"],
-                      hashlib.sha256(data).hexdigest()[:16])
+        data, caption = webdataset_sample(sample, caption_column, sample.get("__url__", pattern))
+        yield Example(open_image_bytes(data), caption, sample["__key__"], hashlib.sha256(data).hexdigest()[:16])
 
 
 def load_examples(source: str, caption_column: str = "text", image_column: str = "image") -> list[Example]:

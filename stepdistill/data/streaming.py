@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
@@ -36,8 +36,10 @@ from .sources import (
     import_webdataset,
     is_webdataset,
     iter_examples,
+    open_image_bytes,
     preprocess,
     shard_urls,
+    webdataset_sample,
 )
 
 _MASK64 = (1 << 64) - 1
@@ -90,20 +92,11 @@ def _webdataset_chunks(urls: list[str], seed: int, stream: int, streams: int, re
             yield urls[j]
 
 
-def _shard_samples(url: str, caption_key: str) -> Iterator[tuple[Image.Image, str, str]]:
-    """``(image, caption, key)`` of each sample of one WebDataset shard, decoded one at a time."""
+def _shard_samples(url: str, caption_key: str) -> Iterator[tuple]:
+    """``(load_image, caption, name)`` of each sample of one WebDataset shard, read one at a time."""
     for sample in import_webdataset().tarfile_to_samples()([{"url": url}]):
-        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        name = f"{url}:{sample.get('__key__')}"
-        if key is None or caption_key not in sample:
-            raise DataError(f"WebDataset sample {name} needs an image (png/jpg/webp) and a '{caption_key}' entry")
-        try:
-            caption = sample[caption_key].decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise DataError(f"WebDataset sample {name}: caption is not UTF-8 ({e.reason} at byte {e.start}); "
-                            "re-encode it as UTF-8") from None
-        data = sample[key]
-        yield (lambda d=data: Image.open(io.BytesIO(d)).convert("RGB")), caption, name
+        data, caption = webdataset_sample(sample, caption_key, url)
+        yield open_image_bytes(data), caption.strip(), f"{url}:{sample.get('__key__')}"
 
 
 def _source_chunk(source: str, caption_column: str, image_column: str, stream: int, streams: int):

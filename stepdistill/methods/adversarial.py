@@ -206,8 +206,7 @@ class AdversarialObjective:
         else:
             fake = self.one_step_sample(unet, x, time, cond)
         if self.dmd is not None:  # the same one-step sample, scored by the teacher against the fake score
-            _, uncond = self.distill.data.conditioning(batch)
-            d, dmd_logs = self.dmd.loss(raw_unet, fake, cond, uncond, gen)
+            d, dmd_logs = self.dmd.loss(raw_unet, fake, cond, self.distill.data.unconditional(cond), gen)
             total, logs = total + c.dmd_loss_weight * d, {**logs, **dmd_logs}
         return total, logs
 

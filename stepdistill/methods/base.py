@@ -42,7 +42,27 @@ from ..models.latents import native_resolution
 from ..sampling import generate, image_grid
 
 
-class CachedBatches(Dataset):
+class EmptyPrompt:
+    """The unconditional (empty-prompt) side of real-image data: ``uncond`` (tokens x dim) and, for SDXL,
+    ``uncond_pooled``, set by the data class."""
+
+    uncond: torch.Tensor
+    uncond_pooled: torch.Tensor | None = None
+
+    def unconditional(self, cond: dict) -> dict:
+        """UNet keyword arguments of the empty prompt for a batch conditioned by ``cond`` (same size, dtype and, for
+        SDXL, ``time_ids``)."""
+        hidden = cond["encoder_hidden_states"]
+        n = len(hidden)
+        out = {"encoder_hidden_states": self.uncond.expand(n, *self.uncond.shape).to(hidden)}
+        if "added_cond_kwargs" in cond:
+            extra = cond["added_cond_kwargs"]
+            pooled = self.uncond_pooled.expand(n, *self.uncond_pooled.shape).to(extra["text_embeds"])
+            out["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": extra["time_ids"]}
+        return out
+
+
+class CachedBatches(EmptyPrompt, Dataset):
     """The precomputed latent/text cache as a map-style dataset read per row from memory-mapped shards: row ``i`` is
     example ``i``'s VAE posterior ``mean``/``std``, its caption's ``encoder_hidden_states`` and, for SDXL, its
     ``text_embeds`` and ``time_ids`` (float32). Built on first use by the sharded builder of
@@ -85,17 +105,13 @@ class CachedBatches(Dataset):
 
     def conditioning(self, batch: dict) -> tuple[dict, dict]:
         """``(cond, uncond)`` UNet keyword arguments for the batch (the unconditional one: the empty prompt)."""
-        n = len(batch["encoder_hidden_states"])
         cond = {"encoder_hidden_states": batch["encoder_hidden_states"]}
-        uncond = {"encoder_hidden_states": self.uncond.expand(n, *self.uncond.shape).to(cond["encoder_hidden_states"])}
         if "text_embeds" in batch:
             cond["added_cond_kwargs"] = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
-            pooled = self.uncond_pooled.expand(n, *self.uncond_pooled.shape).to(batch["text_embeds"])
-            uncond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
-        return cond, uncond
+        return cond, self.unconditional(cond)
 
 
-class StreamedBatches:
+class StreamedBatches(EmptyPrompt):
     """``data_mode: streaming``: the same interface as :class:`CachedBatches` with images and captions read while
     training (:class:`~stepdistill.data.streaming.StreamingExamples`, an iterable dataset split over processes and
     DataLoader workers) and the VAE encoder and text encoder(s) run on each batch, on the device."""
@@ -129,17 +145,12 @@ class StreamedBatches:
     @torch.no_grad()
     def conditioning(self, batch: dict) -> tuple[dict, dict]:
         """``(cond, uncond)`` UNet keyword arguments: the batch's captions encoded now, and the empty prompt."""
-        emb = encode_prompts(self.pipe, list(batch["caption"]), device=self.device)
-        hidden = emb["prompt_embeds"].to(self.device)
-        n = len(hidden)
-        cond = {"encoder_hidden_states": hidden}
-        uncond = {"encoder_hidden_states": self.uncond.expand(n, *self.uncond.shape)}
+        emb = encode_prompts(self.pipe, list(batch["caption"]), device=self.device, to_cpu=False)
+        cond = {"encoder_hidden_states": emb["prompt_embeds"]}
         if self.sdxl:
-            time_ids = sdxl_time_ids(self.resolution, self.resolution).expand(n, -1).to(self.device)
-            cond["added_cond_kwargs"] = {"text_embeds": emb["pooled"].to(self.device), "time_ids": time_ids}
-            pooled = self.uncond_pooled.expand(n, *self.uncond_pooled.shape)
-            uncond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        return cond, uncond
+            time_ids = sdxl_time_ids(self.resolution, self.resolution).expand(len(emb["prompt_embeds"]), -1)
+            cond["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": time_ids.to(self.device)}
+        return cond, self.unconditional(cond)
 
 
 def image_batches(config, pipe, accelerator):
@@ -151,11 +162,8 @@ def image_batches(config, pipe, accelerator):
 
 def first_batch(dataset, device=None, collate=None) -> dict:
     """A one-example batch of ``dataset`` (its row 0, or the first sample of a stream), for probing shapes."""
-    if isinstance(dataset, StreamingExamples):
-        row = next(dataset.iter_stream(0))
-        batch = (collate or default_collate)([row])
-        return batch if device is None else send_to_device(batch, device)
-    return collate_rows(dataset, [0], device, collate)
+    rows = [next(dataset.iter_stream(0))] if isinstance(dataset, StreamingExamples) else dataset
+    return collate_rows(rows, [0], device, collate)
 
 
 def collate_rows(dataset, idx, device=None, collate=None) -> dict:

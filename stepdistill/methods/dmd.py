@@ -108,7 +108,6 @@ class DistributionMatching:
     def loss(self, raw_unet, x, cond: dict, uncond: dict, gen: torch.Generator):
         """The generator's DMD term at the student's one-step samples ``x`` (with gradient), after
         ``dmd_fake_updates`` fake-score updates on ``x.detach()``; returns ``(loss, logs)``."""
-        cond = {k: v.detach() if torch.is_tensor(v) else v for k, v in cond.items()}
         fake_losses = [self.update_fake(raw_unet, x.detach(), cond, gen) for _ in range(self.config.dmd_fake_updates)]
         t = self._timesteps(len(x), gen).to(x.device)
         noise = torch.randn(x.shape, generator=gen).to(x.device)

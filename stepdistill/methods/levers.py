@@ -28,7 +28,7 @@ from .. import adversarial, parametrization
 from ..errors import ConfigError
 from ..models.family import family_of
 from ..models.pipeline import load_pipeline
-from .base import CachedBatches, StreamedBatches, collate_rows, image_batches
+from .base import CachedBatches, StreamedBatches, collate_rows
 from .features import FeatureTap, adapters_disabled
 
 
@@ -85,7 +85,7 @@ class Levers:
         if data is None and config.data_mode == "streaming":
             raise ConfigError(f"data_loss_weight / feature_loss_weight with method={config.method} read real images "
                               "from the latent cache: set data_mode: cached (streaming feeds LCD's own batches)")
-        self.data = data if data is not None else image_batches(config, pipe, accelerator)
+        self.data = data if data is not None else CachedBatches(config, pipe, accelerator)
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float().to(self.device)
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")

@@ -116,29 +116,34 @@ def default_target_modules(model) -> list[str]:
 
 @torch.no_grad()
 def encode_prompts(pipe, captions: list[str], batch_size: int = 64, *, family: ModelFamily | None = None,
-                   device=None) -> dict[str, torch.Tensor]:
+                   device=None, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """Text embeddings exactly as the pipeline computes them at inference (``pipe.encode_prompt``, no guidance),
-    batched, float32 on the CPU: ``prompt_embeds`` and, for SDXL / SD3 / FLUX, ``pooled``."""
+    batched, float32 on the CPU (``to_cpu=False``: left on ``device``): ``prompt_embeds`` and, for SDXL / SD3 /
+    FLUX, ``pooled``."""
     name = (family or family_of(pipe)).name
     device = device if device is not None else pipe.device
     embeds, pooled = [], []
+
+    def keep(t):  # each chunk leaves the device as it is made, unless the caller wants it there
+        return t.float().cpu() if to_cpu else t.float()
+
     for i in range(0, len(captions), batch_size):
         chunk = list(captions[i:i + batch_size])
         if name == "flux":
             e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, num_images_per_prompt=1)
-            pooled.append(p.float().cpu())
+            pooled.append(keep(p))
         elif name == "sd3":
             e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
                                             num_images_per_prompt=1, do_classifier_free_guidance=False)
-            pooled.append(p.float().cpu())
+            pooled.append(keep(p))
         elif name == "sdxl":
             e, _, p, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
                                             do_classifier_free_guidance=False)
-            pooled.append(p.float().cpu())
+            pooled.append(keep(p))
         else:
             e, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)
-        embeds.append(e.float().cpu())
+        embeds.append(keep(e))
     out = {"prompt_embeds": torch.cat(embeds)}
     if pooled:
         out["pooled"] = torch.cat(pooled)
