@@ -17,7 +17,7 @@ def test_toy_recipes_are_the_packaged_ones_the_demo_runs():
     reads: one copy of each recipe."""
     from stepdistill.toy.world import toy_recipe
 
-    for name in ("lcm-lora", "reflow", "reflow-onestep"):
+    for name in ("lcm-lora", "reflow", "reflow-onestep", "adversarial", "adversarial-reflow"):
         link = Path(__file__).parent.parent / "configs" / f"toy-{name}.yaml"
         assert link.resolve() == toy_recipe(name).resolve()
         assert isinstance(load_config(toy_recipe(name)), TrainConfig)

@@ -128,7 +128,6 @@ def test_active_adapter_restores_the_student(tiny_random_pipe, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"adv_distillation": "reflow"}, "dmd_loss_weight > 0 needs adv_distillation: lcd"),
     ({"dmd_timestep_range": [900, 100]}, "dmd_timestep_range must be"),
     ({"dmd_fake_updates": 0}, "must be >= 1"),
 ])
@@ -141,3 +140,28 @@ def test_training_with_dmd_and_gan_together(tiny_model_dir, tmp_path):
     out = train(_config(tmp_path / "both", model=tiny_model_dir, **{**DMD, "gan_loss_weight": 0.5}))
     card = (out / "stepdistill_card.json").read_text()
     assert '"dmd_loss_weight": 1.0' in card and '"gan_loss_weight": 0.5' in card
+
+
+def test_dmd_with_the_reflow_term_guides_with_the_encoded_empty_prompt(tiny_random_pipe, tmp_path):
+    """Couplings carry no unconditional side: the real score's empty prompt is encoded once, and it is the
+    pipeline's own empty-prompt embedding (what CFG uses at inference)."""
+    from tiny_models import PROMPTS
+
+    from stepdistill.methods import reflow_couplings
+    from stepdistill.models.family import encode_prompts
+
+    model = tmp_path / "tiny-sd"
+    tiny_random_pipe.save_pretrained(model)
+    reflow_couplings.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=2,
+                                        num_windows=1, guidance_scale=2.0, model_id=str(model), progress=False)
+    kw = {**DMD, "gan_loss_weight": 0.5, "adv_distillation": "reflow", "couplings_dir": str(tmp_path / "couplings"),
+          "train_data": "toy:1"}
+    objective = build_objective(_config(tmp_path / "obj", model=str(model), **kw), tiny_random_pipe,
+                                Accelerator(cpu=True))
+    expected = encode_prompts(tiny_random_pipe, [""])["prompt_embeds"][0]
+    torch.testing.assert_close(objective.empty.uncond.cpu(), expected)
+    cond = {"encoder_hidden_states": torch.zeros(3, *expected.shape)}
+    assert objective.empty.unconditional(cond)["encoder_hidden_states"].shape == (3, *expected.shape)
+    out = train(_config(tmp_path / "run", model=str(model), **kw))
+    card = (out / "stepdistill_card.json").read_text()
+    assert '"dmd_loss_weight": 1.0' in card and '"distillation": "reflow"' in card

@@ -34,7 +34,7 @@ from .. import adversarial, lcd
 from ..errors import ConfigError
 from ..models.denoiser import model_velocity
 from ..models.family import family_of
-from .base import first_batch
+from .base import EmptyPrompt, first_batch
 from .discriminator import Discriminator, feature_channels
 from .dmd import DistributionMatching
 from .features import FeatureTap, adapters_disabled
@@ -69,9 +69,6 @@ class AdversarialObjective:
         if config.disc_head_channels < 1:
             raise ConfigError(f"disc_head_channels must be >= 1, got {config.disc_head_channels}")
         if config.dmd_loss_weight > 0:
-            if config.adv_distillation != "lcd":
-                raise ConfigError("dmd_loss_weight > 0 needs adv_distillation: lcd (the DMD term renoises the "
-                                  "one-step sample with the teacher's VP schedule and its empty-prompt guidance)")
             lo_hi = list(config.dmd_timestep_range)
             if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < 1000:
                 raise ConfigError(f"dmd_timestep_range must be [low, high] with 0 <= low <= high <= 999, got {lo_hi}")
@@ -108,6 +105,8 @@ class AdversarialObjective:
         self.dmd = None  # the DMD term's fake score: a second LoRA on the same UNet (methods/dmd.py)
         if config.dmd_loss_weight > 0:
             self.dmd = DistributionMatching(config, pipe.unet, accelerator, self.alphas_cumprod, self.prediction_type)
+            # the real score's guidance needs the empty prompt: the cached / streamed data carry it, couplings not
+            self.empty = self.distill.data if self.kind == "lcd" else EmptyPrompt.encoded(pipe, self.device)
 
     def checkpoint_objects(self) -> list:
         """State the training loop checkpoints beside the LoRA (``accelerator.register_for_checkpointing``)."""
@@ -206,7 +205,7 @@ class AdversarialObjective:
         else:
             fake = self.one_step_sample(unet, x, time, cond)
         if self.dmd is not None:  # the same one-step sample, scored by the teacher against the fake score
-            d, dmd_logs = self.dmd.loss(raw_unet, fake, cond, self.distill.data.unconditional(cond), gen)
+            d, dmd_logs = self.dmd.loss(raw_unet, fake, cond, self.empty.unconditional(cond), gen)
             total, logs = total + c.dmd_loss_weight * d, {**logs, **dmd_logs}
         return total, logs
 

@@ -49,6 +49,16 @@ class EmptyPrompt:
     uncond: torch.Tensor
     uncond_pooled: torch.Tensor | None = None
 
+    @classmethod
+    def encoded(cls, pipe, device) -> EmptyPrompt:
+        """The empty prompt run through ``pipe``'s text encoder(s) once, kept on ``device`` (for data that carry
+        no unconditional side: streamed captions, reflow couplings)."""
+        empty = EmptyPrompt()
+        out = encode_prompts(pipe, [""], device=device)
+        empty.uncond = out["prompt_embeds"][0].to(device)
+        empty.uncond_pooled = out["pooled"][0].to(device) if "pooled" in out else None
+        return empty
+
     def unconditional(self, cond: dict) -> dict:
         """UNet keyword arguments of the empty prompt for a batch conditioned by ``cond`` (same size, dtype and, for
         SDXL, ``time_ids``)."""
@@ -128,9 +138,8 @@ class StreamedBatches(EmptyPrompt):
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.shift_factor = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
         self.sdxl = family_of(pipe).name == "sdxl"
-        uncond = encode_prompts(pipe, [""], device=self.device)
-        self.uncond = uncond["prompt_embeds"][0].to(self.device)
-        self.uncond_pooled = uncond["pooled"][0].to(self.device) if "pooled" in uncond else None
+        empty = EmptyPrompt.encoded(pipe, self.device)
+        self.uncond, self.uncond_pooled = empty.uncond, empty.uncond_pooled
 
     @torch.no_grad()
     def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
