@@ -151,10 +151,34 @@ def test_resume_is_exact_for_lora_and_discriminator(tiny_model_dir, tmp_path):
     ({"gan_loss_weight": -1.0}, "gan_loss_weight must be a finite number >= 0"),
     ({"disc_timesteps": [1000]}, r"disc_timesteps must be .* \[0, 999\]"),
     ({"adv_distillation": "reflow", "reflow_windows": 2}, "set reflow_windows=1"),
+    ({"distill_loss_weight": 0.0, "gan_loss_weight": 0.0}, "leaves nothing to train"),
+    ({"distill_loss_weight": 0.0, "data_loss_weight": 0.1}, "with distill_loss_weight=0 turn them off"),
+    ({"distill_loss_weight": float("nan")}, "distill_loss_weight must be a finite number >= 0"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         _config(tmp_path / "x", **kw)
+
+
+def test_distill_loss_weight_scales_the_distillation_term_and_zero_skips_it(tiny_random_pipe, tmp_path):
+    objective, batch = _objective(tiny_random_pipe, tmp_path, gan_loss_weight=0.0)
+    unet = tiny_random_pipe.unet
+    full, _ = objective.loss(unet, unet, batch, torch.Generator().manual_seed(3))
+    objective.config.distill_loss_weight = 0.5
+    half, _ = objective.loss(unet, unet, batch, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(half, 0.5 * full)
+    assert float(full.detach()) > 0
+
+    calls = []
+    distill_loss = objective.distill.loss
+    objective.distill.loss = lambda *a: calls.append(1) or distill_loss(*a)
+    objective.config.distill_loss_weight, objective.config.gan_loss_weight = 0.0, 1.0
+    gan_only, logs = objective.loss(unet, unet, batch, torch.Generator().manual_seed(3))
+    assert not calls and "distill" not in logs and "gan_g" in logs  # the GAN term alone, LADD-style
+    torch.testing.assert_close(gan_only, torch.tensor(logs["gan_g"]), rtol=1e-5, atol=1e-6)
+    objective.config.distill_loss_weight = 1.0
+    objective.loss(unet, unet, batch, torch.Generator().manual_seed(3))
+    assert calls == [1]
 
 
 def test_unknown_discriminator_layer_is_named(tiny_random_pipe, tmp_path):

@@ -3,7 +3,8 @@
 Per step, with the student ``G`` = the base UNet with the LoRA, and ``D`` = the frozen teacher (the same UNet,
 adapter disabled) tapped at ``disc_layers`` plus small trainable heads (:mod:`.discriminator`)::
 
-    L_G = L_distill + gan_loss_weight * L_gan(D(renoise(G(x_T), t_hat))) + dmd_loss_weight * L_dmd(G(x_T))
+    L_G = distill_loss_weight * L_distill + gan_loss_weight * L_gan(D(renoise(G(x_T), t_hat)))
+          + dmd_loss_weight * L_dmd(G(x_T))
     L_D = L_disc(D(renoise(x_real, t_hat)), D(renoise(G(x_T).detach(), t_hat))) + disc_r1_weight / 2 * R1
 
 * ``L_distill`` is another method's objective, composed, not copied: the LCD consistency loss
@@ -56,11 +57,19 @@ class AdversarialObjective:
         DISTILLATIONS[config.adv_distillation].check_config(config)
         if config.gan_loss not in adversarial.GAN_LOSSES:
             raise ConfigError(f"gan_loss must be one of {adversarial.GAN_LOSSES}, got {config.gan_loss!r}")
-        for key in ("gan_loss_weight", "disc_learning_rate", "disc_r1_weight", "dmd_loss_weight",
+        for key in ("gan_loss_weight", "distill_loss_weight", "disc_learning_rate", "disc_r1_weight", "dmd_loss_weight",
                     "dmd_fake_learning_rate", "dmd_real_guidance"):
             value = getattr(config, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+        if config.distill_loss_weight == 0:
+            if config.gan_loss_weight == 0 and config.dmd_loss_weight == 0:
+                raise ConfigError("distill_loss_weight=0 with gan_loss_weight=0 and dmd_loss_weight=0 leaves nothing "
+                                  "to train: set one of them > 0")
+            if config.data_loss_weight or config.feature_loss_weight or config.teachers:
+                raise ConfigError("the knowledge-distillation levers (data_loss_weight, feature_loss_weight, "
+                                  "teachers) are added to the distillation term: with distill_loss_weight=0 turn "
+                                  "them off")
         if not config.disc_layers:
             raise ConfigError("disc_layers must name at least one UNet block, e.g. disc_layers=[mid_block]")
         if not config.disc_timesteps or not all(0 <= t < 1000 for t in config.disc_timesteps):
@@ -190,15 +199,18 @@ class AdversarialObjective:
         return g, {**logs, "gan_g": float(g.detach())}, fake
 
     def loss(self, unet, raw_unet, batch: dict, gen: torch.Generator):
-        """``L_distill + gan_loss_weight * L_gan + dmd_loss_weight * L_dmd`` (module docstring); with both weights
-        0 it is the distillation alone (no discriminator or fake-score work)."""
+        """``distill_loss_weight * L_distill + gan_loss_weight * L_gan + dmd_loss_weight * L_dmd`` (module
+        docstring); with the last two weights 0 it is the distillation alone (no discriminator or fake-score work),
+        with the first 0 the distillation term is not computed."""
         c = self.config
-        distill_loss, logs = self.distill.loss(unet, raw_unet, batch, gen)
-        logs = {**logs, "distill": float(distill_loss.detach())}
+        total, logs = 0.0, {}
+        if c.distill_loss_weight > 0:  # 0: not computed at all (LADD / DMD2 without regression)
+            distill_loss, logs = self.distill.loss(unet, raw_unet, batch, gen)
+            logs = {**logs, "distill": float(distill_loss.detach())}
+            total = distill_loss if c.distill_loss_weight == 1 else c.distill_loss_weight * distill_loss
         if c.gan_loss_weight == 0 and self.dmd is None:
-            return distill_loss, logs
+            return total, logs
         real, x, time, cond = self.gan_batch(batch, gen)
-        total = distill_loss
         if c.gan_loss_weight > 0:
             g, gan_logs, fake = self.gan_loss(unet, raw_unet, real, x, time, cond, gen)
             total, logs = total + c.gan_loss_weight * g, {**logs, **gan_logs}
@@ -223,6 +235,7 @@ class AdversarialObjective:
                 "method_name": f"{self.method_name} + {self.kind} distillation", "distillation": self.kind,
                 "recommended_steps": 1, "recommended_guidance": self.student_guidance,
                 "gan_loss": config.gan_loss, "gan_loss_weight": config.gan_loss_weight,
+                "distill_loss_weight": config.distill_loss_weight,
                 "disc_layers": ",".join(self.layers), "disc_timesteps": ",".join(map(str, config.disc_timesteps)),
                 "disc_r1_weight": config.disc_r1_weight, "disc_learning_rate": config.disc_learning_rate,
                 "dmd_loss_weight": config.dmd_loss_weight,

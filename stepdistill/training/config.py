@@ -89,6 +89,8 @@ class TrainConfig:
     adv_distillation: str = "lcd"            # the distillation term: "lcd" (consistency target) or "reflow"
                                              # (velocity target on couplings_dir; reflow_windows must be 1)
     gan_loss_weight: float = 0.1             # L_G = L_distill + gan_loss_weight * L_gan; 0: distillation only
+    distill_loss_weight: float = 1.0         # weight of L_distill; 0: the GAN / DMD terms alone (LADD, DMD2 without
+                                             # its regression loss), the distillation term is then not computed
     gan_loss: str = "hinge"                  # "hinge" (ADD / LADD) or "nonsaturating" (Goodfellow et al. 2014)
     disc_learning_rate: float = 1e-4         # AdamW of the discriminator heads (betas 0, 0.99)
     disc_r1_weight: float = 0.0              # gamma of the R1 penalty (gamma / 2) E||grad D||^2 on real features
