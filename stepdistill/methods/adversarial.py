@@ -207,7 +207,7 @@ class AdversarialObjective:
         if c.distill_loss_weight > 0:  # 0: not computed at all (LADD / DMD2 without regression)
             distill_loss, logs = self.distill.loss(unet, raw_unet, batch, gen)
             logs = {**logs, "distill": float(distill_loss.detach())}
-            total = distill_loss if c.distill_loss_weight == 1 else c.distill_loss_weight * distill_loss
+            total = c.distill_loss_weight * distill_loss
         if c.gan_loss_weight == 0 and self.dmd is None:
             return total, logs
         real, x, time, cond = self.gan_batch(batch, gen)

@@ -44,20 +44,18 @@ from ..sampling import generate, image_grid
 
 class EmptyPrompt:
     """The unconditional (empty-prompt) side of real-image data: ``uncond`` (tokens x dim) and, for SDXL,
-    ``uncond_pooled``, set by the data class."""
+    ``uncond_pooled`` (a data class sets them from its cache, or :meth:`encoded` runs the text encoder)."""
 
-    uncond: torch.Tensor
-    uncond_pooled: torch.Tensor | None = None
+    def __init__(self, uncond: torch.Tensor, uncond_pooled: torch.Tensor | None = None):
+        self.uncond, self.uncond_pooled = uncond, uncond_pooled
 
-    @classmethod
-    def encoded(cls, pipe, device) -> EmptyPrompt:
+    @staticmethod
+    def encoded(pipe, device) -> EmptyPrompt:
         """The empty prompt run through ``pipe``'s text encoder(s) once, kept on ``device`` (for data that carry
         no unconditional side: streamed captions, reflow couplings)."""
-        empty = EmptyPrompt()
         out = encode_prompts(pipe, [""], device=device)
-        empty.uncond = out["prompt_embeds"][0].to(device)
-        empty.uncond_pooled = out["pooled"][0].to(device) if "pooled" in out else None
-        return empty
+        return EmptyPrompt(out["prompt_embeds"][0].to(device),
+                           out["pooled"][0].to(device) if "pooled" in out else None)
 
     def unconditional(self, cond: dict) -> dict:
         """UNet keyword arguments of the empty prompt for a batch conditioned by ``cond`` (same size, dtype and, for
