@@ -157,3 +157,36 @@ def test_a_bad_sample_in_a_worker_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError) as e:
         next_batch(iter(DataLoader(data, batch_size=1, num_workers=1)))
     assert "\n" not in str(e.value) and str(e.value).startswith("cannot read image") and "bad.tar" in str(e.value)
+
+
+def test_a_streamed_batch_is_encoded_once_per_step(tiny_random_pipe, tmp_path):
+    """The adversarial method's LCD term, GAN term and data-loss lever all read the step's batch; streamed, the VAE
+    encoder and the text encoder run on it once, and each term still draws its own posterior sample."""
+    from accelerate import Accelerator
+
+    from stepdistill.lora import add_lora_to_unet
+    from stepdistill.methods import build_objective
+    from stepdistill.methods.base import first_batch
+
+    config = load_config(None, method="adversarial", pretrained_model="toy", output_dir=str(tmp_path / "run"),
+                         train_data="toy:8", data_mode="streaming", lora_rank=2, train_batch_size=1,
+                         gan_loss_weight=1.0, data_loss_weight=0.5, disc_head_channels=8, validation_steps=0,
+                         report_to="none")
+    objective = build_objective(config, tiny_random_pipe, Accelerator(cpu=True))
+    add_lora_to_unet(tiny_random_pipe.unet, rank=2)  # the student (the loop adds it before the first step)
+    calls = {"vae": 0, "text": 0}
+    hooks = [tiny_random_pipe.vae.encoder.register_forward_hook(lambda *a: calls.__setitem__("vae", calls["vae"] + 1)),
+             tiny_random_pipe.text_encoder.register_forward_hook(
+                 lambda *a: calls.__setitem__("text", calls["text"] + 1))]
+    try:
+        batch = first_batch(objective.dataset, objective.device)
+        unet = tiny_random_pipe.unet
+        loss, logs = objective.loss(unet, unet, batch, torch.Generator().manual_seed(0))
+        assert calls == {"vae": 1, "text": 1} and "gan_g" in logs and "data_loss" in logs
+        assert torch.isfinite(loss)
+        data = objective.distill.data
+        a, b = data.latents(batch, torch.Generator().manual_seed(1)), data.latents(batch, torch.Generator().manual_seed(2))
+        assert calls["vae"] == 1 and not torch.equal(a, b)  # a fresh posterior draw from the kept encoding
+    finally:
+        for h in hooks:
+            h.remove()

@@ -119,6 +119,10 @@ class CachedBatches(EmptyPrompt, Dataset):
         return cond, self.unconditional(cond)
 
 
+# keys under which StreamedBatches keeps a batch's encoder outputs in the batch itself (one encoding per step)
+ENCODED_POSTERIOR, ENCODED_CONDITIONING = "encoded_posterior", "encoded_conditioning"
+
+
 class StreamedBatches(EmptyPrompt):
     """``data_mode: streaming``: the same interface as :class:`CachedBatches` with images and captions read while
     training (:class:`~stepdistill.data.streaming.StreamingExamples`, an iterable dataset split over processes and
@@ -142,21 +146,29 @@ class StreamedBatches(EmptyPrompt):
     @torch.no_grad()
     def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """The VAE posterior of the batch's images, sampled with noise from ``gen``, scaled as the UNet sees
-        latents (what :meth:`CachedBatches.latents` gives from the cache)."""
-        vae = self.pipe.vae
-        post = vae.encode(batch["pixel_values"].to(self.device, vae.dtype)).latent_dist
-        mean, std = post.mean.float(), post.std.float()
+        latents (what :meth:`CachedBatches.latents` gives from the cache). The encoder runs once per batch: the
+        posterior is kept in ``batch`` for the step's other terms (the GAN term's real data, the KD levers), which
+        draw their own sample from it, as they would from the cache."""
+        if ENCODED_POSTERIOR not in batch:
+            vae = self.pipe.vae
+            post = vae.encode(batch["pixel_values"].to(self.device, vae.dtype)).latent_dist
+            batch[ENCODED_POSTERIOR] = (post.mean.float(), post.std.float())
+        mean, std = batch[ENCODED_POSTERIOR]
         noise = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
         return (mean + std * noise - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def conditioning(self, batch: dict) -> tuple[dict, dict]:
-        """``(cond, uncond)`` UNet keyword arguments: the batch's captions encoded now, and the empty prompt."""
-        emb = encode_prompts(self.pipe, list(batch["caption"]), device=self.device, to_cpu=False)
-        cond = {"encoder_hidden_states": emb["prompt_embeds"]}
-        if self.sdxl:
-            time_ids = sdxl_time_ids(self.resolution, self.resolution).expand(len(emb["prompt_embeds"]), -1)
-            cond["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": time_ids.to(self.device)}
+        """``(cond, uncond)`` UNet keyword arguments: the batch's captions encoded (once per batch, kept in
+        ``batch`` like the posterior), and the empty prompt."""
+        if ENCODED_CONDITIONING not in batch:
+            emb = encode_prompts(self.pipe, list(batch["caption"]), device=self.device, to_cpu=False)
+            cond = {"encoder_hidden_states": emb["prompt_embeds"]}
+            if self.sdxl:
+                time_ids = sdxl_time_ids(self.resolution, self.resolution).expand(len(emb["prompt_embeds"]), -1)
+                cond["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": time_ids.to(self.device)}
+            batch[ENCODED_CONDITIONING] = cond
+        cond = dict(batch[ENCODED_CONDITIONING])  # a copy: a caller adding keys leaves the kept one alone
         return cond, self.unconditional(cond)
 
 
