@@ -107,20 +107,29 @@ class CachedBatches(EmptyPrompt, Dataset):
 
     def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """A fresh posterior sample (noise from ``gen``) for the batch's examples, scaled as the UNet sees latents."""
-        mean, std = batch["mean"], batch["std"]
-        noise = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
-        return (mean + std * noise - self.cache.shift_factor) * self.cache.scaling_factor
+        return posterior_sample(batch, gen, self.cache.shift_factor, self.cache.scaling_factor)
 
     def conditioning(self, batch: dict) -> tuple[dict, dict]:
         """``(cond, uncond)`` UNet keyword arguments for the batch (the unconditional one: the empty prompt)."""
-        cond = {"encoder_hidden_states": batch["encoder_hidden_states"]}
-        if "text_embeds" in batch:
-            cond["added_cond_kwargs"] = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
+        cond = row_conditioning(batch)
         return cond, self.unconditional(cond)
 
 
-# keys under which StreamedBatches keeps a batch's encoder outputs in the batch itself (one encoding per step)
-ENCODED_POSTERIOR, ENCODED_CONDITIONING = "encoded_posterior", "encoded_conditioning"
+def posterior_sample(batch: dict, gen: torch.Generator, shift_factor: float, scaling_factor: float) -> torch.Tensor:
+    """A sample of the VAE posterior ``batch["mean"], batch["std"]`` (noise from ``gen``), shifted and scaled as the
+    UNet sees latents."""
+    mean, std = batch["mean"], batch["std"]
+    noise = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+    return (mean + std * noise - shift_factor) * scaling_factor
+
+
+def row_conditioning(batch: dict) -> dict:
+    """UNet keyword arguments from a batch's caption embeddings (``encoder_hidden_states``; for SDXL
+    ``text_embeds`` and ``time_ids``)."""
+    cond = {"encoder_hidden_states": batch["encoder_hidden_states"]}
+    if "text_embeds" in batch:
+        cond["added_cond_kwargs"] = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
+    return cond
 
 
 class StreamedBatches(EmptyPrompt):
@@ -147,28 +156,25 @@ class StreamedBatches(EmptyPrompt):
     def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """The VAE posterior of the batch's images, sampled with noise from ``gen``, scaled as the UNet sees
         latents (what :meth:`CachedBatches.latents` gives from the cache). The encoder runs once per batch: the
-        posterior is kept in ``batch`` for the step's other terms (the GAN term's real data, the KD levers), which
-        draw their own sample from it, as they would from the cache."""
-        if ENCODED_POSTERIOR not in batch:
+        posterior is kept in ``batch`` under the cache's keys (``mean``, ``std``) for the step's other terms (the GAN
+        term's real data, the KD levers), which draw their own sample from it, as they would from the cache."""
+        if "mean" not in batch:
             vae = self.pipe.vae
             post = vae.encode(batch["pixel_values"].to(self.device, vae.dtype)).latent_dist
-            batch[ENCODED_POSTERIOR] = (post.mean.float(), post.std.float())
-        mean, std = batch[ENCODED_POSTERIOR]
-        noise = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
-        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+            batch["mean"], batch["std"] = post.mean.float(), post.std.float()
+        return posterior_sample(batch, gen, self.shift_factor, self.scaling_factor)
 
     @torch.no_grad()
     def conditioning(self, batch: dict) -> tuple[dict, dict]:
         """``(cond, uncond)`` UNet keyword arguments: the batch's captions encoded (once per batch, kept in
-        ``batch`` like the posterior), and the empty prompt."""
-        if ENCODED_CONDITIONING not in batch:
+        ``batch`` under the cache's keys, like the posterior), and the empty prompt."""
+        if "encoder_hidden_states" not in batch:
             emb = encode_prompts(self.pipe, list(batch["caption"]), device=self.device, to_cpu=False)
-            cond = {"encoder_hidden_states": emb["prompt_embeds"]}
+            batch["encoder_hidden_states"] = emb["prompt_embeds"]
             if self.sdxl:
                 time_ids = sdxl_time_ids(self.resolution, self.resolution).expand(len(emb["prompt_embeds"]), -1)
-                cond["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": time_ids.to(self.device)}
-            batch[ENCODED_CONDITIONING] = cond
-        cond = dict(batch[ENCODED_CONDITIONING])  # a copy: a caller adding keys leaves the kept one alone
+                batch["text_embeds"], batch["time_ids"] = emb["pooled"], time_ids.to(self.device)
+        cond = row_conditioning(batch)
         return cond, self.unconditional(cond)
 
 
