@@ -122,6 +122,22 @@ def feature_matching_loss(student: Sequence[torch.Tensor], teacher: Sequence[tor
     return torch.stack(terms).mean()
 
 
+def perceptual_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], eps: float = 1e-10) -> torch.Tensor:
+    """LPIPS's distance (Zhang et al. 2018, eq. 1) with unit layer weights: per layer the features are normalised to
+    unit length over channels, then ``sum_l mean_{n,h,w} ||a_hat - b_hat||^2`` (each layer lies in [0, 4]). Here the
+    feature network is the frozen teacher itself (LADD's observation that a diffusion model's features are
+    perceptual), so the distance lives in latent space with no pixel network."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"perceptual_distance needs matching, non-empty feature lists ({len(a)} vs {len(b)})")
+    total = 0.0
+    for x, y in zip(a, b):
+        x, y = x.float(), y.float()
+        x = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+        y = y / (y.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+        total = total + (x - y).pow(2).sum(dim=1).mean()
+    return total
+
+
 def weighted_teacher_prediction(predictions: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Several teachers' (guided) predictions combined as ``sum_i w_i pred_i / sum_i w_i``."""
     if len(predictions) != len(weights) or not predictions:

@@ -50,6 +50,7 @@ is singular). Students of VP teachers therefore live on ``[0, vp_sigma_max(alpha
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -205,13 +206,37 @@ def piecewise_target(z_start: torch.Tensor, z_end: torch.Tensor, s_start, s_end,
     return x_s, v
 
 
-def reflow_loss(v_pred: torch.Tensor, v_target: torch.Tensor, weighting: torch.Tensor | None = None) -> torch.Tensor:
-    """Reflow's objective (Rectified Flow eq. 1): ``mean_i w_i * mean_dims (v_pred_i - v_target_i)^2``.
+REFLOW_LOSS_TYPES = ("l2", "pseudo_huber")
 
-    ``weighting`` is an optional per-sample ``(B,)`` weight (unnormalized: the result is the batch mean of the
-    weighted per-sample MSEs). Computed in float32; returns a scalar tensor that carries gradients."""
-    err = (v_pred.float() - v_target.float()) ** 2
-    per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
+
+def pseudo_huber_c(sample_shape) -> float:
+    """The pseudo-Huber constant of Song & Dhariwal 2023 (iCT, Sec. 3.3), ``c = 0.00054 sqrt(d)`` for ``d`` dimensions
+    per sample, which Lee et al. 2024 (arXiv:2405.20320, Sec. 4) carry over to the reflow regression."""
+    d = 1
+    for n in sample_shape:
+        d *= int(n)
+    return 0.00054 * math.sqrt(d)
+
+
+def reflow_loss(v_pred: torch.Tensor, v_target: torch.Tensor, weighting: torch.Tensor | None = None,
+                loss_type: str = "l2", huber_c: float | None = None) -> torch.Tensor:
+    """Reflow's objective: the batch mean of ``w_i * d(v_pred_i, v_target_i)``.
+
+    * ``"l2"`` (Rectified Flow eq. 1): ``d = mean_dims (v_pred - v_target)^2``;
+    * ``"pseudo_huber"`` (Lee et al. 2024, eq. 7, after iCT): ``d = sqrt(||v_pred - v_target||^2 + c^2) - c`` with
+      the norm over the whole sample and ``c`` = :func:`pseudo_huber_c` unless given -- every sample pulls with
+      the same strength whatever its error, so a few couplings the student cannot fit do not dominate.
+
+    ``weighting`` is an optional per-sample ``(B,)`` weight (unnormalized). Computed in float32; returns a scalar
+    tensor that carries gradients."""
+    diff = (v_pred.float() - v_target.float()).reshape(v_pred.shape[0], -1)
+    if loss_type == "l2":
+        per_sample = (diff ** 2).mean(dim=1)
+    elif loss_type == "pseudo_huber":
+        c = pseudo_huber_c(v_pred.shape[1:]) if huber_c is None else float(huber_c)
+        per_sample = torch.sqrt((diff ** 2).sum(dim=1) + c * c) - c
+    else:
+        raise ValueError(f"unknown reflow loss_type {loss_type!r}; expected one of {REFLOW_LOSS_TYPES}")
     if weighting is not None:
         w = as_tensor(weighting, per_sample).reshape(-1)
         if w.numel() not in (1, per_sample.numel()):

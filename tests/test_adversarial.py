@@ -154,6 +154,8 @@ def test_resume_is_exact_for_lora_and_discriminator(tiny_model_dir, tmp_path):
     ({"distill_loss_weight": 0.0, "gan_loss_weight": 0.0}, "leaves nothing to train"),
     ({"distill_loss_weight": 0.0, "data_loss_weight": 0.1}, "with distill_loss_weight=0 turn them off"),
     ({"distill_loss_weight": float("nan")}, "distill_loss_weight must be a finite number >= 0"),
+    ({"validation_couplings_dir": "x"}, "validation_couplings_dir measures a held-out loss on couplings"),
+    ({"adv_distillation": "reflow", "reflow_loss_type": "huber"}, "reflow_loss_type must be one of"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -196,9 +198,12 @@ def test_reflow_distillation_variant_trains_and_names_the_flow_sampler(tiny_rand
     reflow_couplings.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=2,
                                         num_windows=1, guidance_scale=2.0, model_id=str(model), progress=False)
     out = train(_config(tmp_path / "adv-reflow", model=str(model), adv_distillation="reflow",
-                        couplings_dir=str(tmp_path / "couplings"), train_data="toy:1"))
+                        couplings_dir=str(tmp_path / "couplings"), train_data="toy:1", reflow_loss_type="pseudo_huber",
+                        validation_couplings_dir=str(tmp_path / "couplings"), validation_batches=1))
     _, metadata, _ = lora.read_lora(out / "pytorch_lora_weights.safetensors")
     assert metadata["stepdistill.method"] == "adversarial" and metadata["stepdistill.distillation"] == "reflow"
+    assert metadata["stepdistill.loss_type"] == "pseudo_huber"  # the reflow term's distance, in the header
+    assert float(metadata["stepdistill.heldout_loss"]) > 0  # its regression measured on the validation couplings
     assert sampler_from_lora([metadata]) == ("perflow", 1)
     assert not (out / "cache").exists()  # the reflow term trains on the couplings, the GAN term too
 

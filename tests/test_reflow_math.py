@@ -107,6 +107,29 @@ def test_reflow_loss_mse_and_weights():
     assert reflow.reflow_loss(v_target, v_target).item() == 0.0
 
 
+def test_reflow_loss_pseudo_huber():
+    """Lee et al. 2024's pseudo-Huber distance: sqrt(||d||^2 + c^2) - c over the whole sample, iCT's c by default;
+    near L2 / 2c for small errors, near ||d|| for large ones, so every sample's gradient has about unit norm."""
+    v_target = torch.stack([torch.full((3, 2, 2), 1.0), torch.full((3, 2, 2), 2.0)])  # ||d|| = sqrt(12), sqrt(48)
+    v_pred = torch.zeros_like(v_target, requires_grad=True)
+    c = reflow.pseudo_huber_c((3, 2, 2))
+    assert c == pytest.approx(0.00054 * 12 ** 0.5)
+    loss = reflow.reflow_loss(v_pred, v_target, loss_type="pseudo_huber")
+    expect = ((12 + c * c) ** 0.5 - c + (48 + c * c) ** 0.5 - c) / 2
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    loss.backward()
+    per_sample_grad = v_pred.grad.reshape(2, -1).norm(dim=1) * 2  # undo the batch mean
+    torch.testing.assert_close(per_sample_grad, torch.ones(2), atol=1e-3, rtol=0)  # unlike L2 (grad ~ error)
+    small = torch.full((1, 3, 2, 2), 1e-2)
+    assert reflow.reflow_loss(small, torch.zeros_like(small), loss_type="pseudo_huber", huber_c=1.0).item() == \
+        pytest.approx(12e-4 / 2, rel=1e-2)  # the quadratic regime: ||d||^2 / 2c
+    assert reflow.reflow_loss(v_target, v_target, loss_type="pseudo_huber").item() == 0.0
+    weighted = reflow.reflow_loss(v_pred, v_target, torch.tensor([0.0, 2.0]), loss_type="pseudo_huber")
+    assert weighted.item() == pytest.approx((48 + c * c) ** 0.5 - c, rel=1e-6)
+    with pytest.raises(ValueError, match="pseudo_huber"):
+        reflow.reflow_loss(v_pred, v_target, loss_type="huber")
+
+
 def test_window_boundaries_and_window_of():
     """PeRFlow windows: K+1 uniform boundaries from sigma_max to 0; a boundary belongs to the window it starts."""
     b = reflow.window_boundaries(4)

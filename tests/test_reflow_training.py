@@ -22,7 +22,8 @@ from stepdistill.methods.base import collate_rows
 from stepdistill.methods.reflow import ReflowObjective
 from stepdistill.models.denoiser import model_velocity as student_velocity
 from stepdistill.reflow import native_loss_weight
-from stepdistill.training.loop import train
+from stepdistill.training.heldout import heldout_batches, heldout_loss
+from stepdistill.training.loop import lora_target_modules, train
 from tiny_models import PROMPTS, PointMassUNet, point_mass_pipe
 
 ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
@@ -65,6 +66,98 @@ def test_reflow_training_writes_a_lora_with_its_card(tiny_setup, tmp_path):
     assert not (out / "cache").exists()  # reflow builds no image cache
 
 
+def test_heldout_batches_spread_over_the_set():
+    assert [b.tolist() for b in heldout_batches(10, 2, 2)] == [[0, 3], [6, 9]]
+    assert [b.tolist() for b in heldout_batches(3, 2, 8)] == [[0, 1], [2]]  # a small set: each row once
+    assert [b.tolist() for b in heldout_batches(1, 4, 2)] == [[0]]
+
+
+def test_heldout_loss_is_logged_and_does_not_touch_training(tiny_setup, tiny_random_pipe, tmp_path):
+    """``validation_couplings_dir``: the regression loss on couplings the run never sees is logged to TensorBoard
+    every validation_steps and at the end, the last value goes into the card and equals the loss of the saved
+    adapter on those couplings, and the adapter is bit-identical to a run that measures nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, couplings = tiny_setup
+    heldout = tmp_path / "heldout"
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[::-1], heldout, num_steps=4, num_windows=2, guidance_scale=3.0,
+                          seed=777, model_id=model, progress=False)
+    kw = dict(max_train_steps=5, train_batch_size=2, validation_batches=2)
+    out = train(_config(model, couplings, tmp_path / "measured", validation_couplings_dir=str(heldout),
+                        validation_steps=2, report_to="tensorboard", **kw))
+    plain = train(_config(model, couplings, tmp_path / "plain", **kw))
+    a, _, _ = lora.read_lora(out / "pytorch_lora_weights.safetensors")
+    b, _, _ = lora.read_lora(plain / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("heldout_loss")}
+    assert sorted(logged) == [2, 4, 5]  # every 2 steps and at the end
+    assert len(set(logged.values())) == 3  # it follows the adapter
+    card = json.loads((out / "stepdistill_card.json").read_text())
+    assert card["heldout_loss"] == pytest.approx(logged[5], rel=1e-5)
+    # recompute it from the saved adapter on a fresh copy of the model
+    cfg = _config(model, couplings, "unused", validation_couplings_dir=str(heldout), **kw)
+    pipe = type(tiny_random_pipe).from_pretrained(model)
+    lora.add_lora_to_unet(pipe.unet, rank=cfg.lora_rank, alpha=cfg.lora_rank,
+                          target_modules=lora_target_modules(cfg, pipe.unet))
+    lora.init_adapter_from_file(pipe.unet, out / "pytorch_lora_weights.safetensors")
+    obj = ReflowObjective(cfg, pipe, ACCEL)
+    accel = types.SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    again = heldout_loss(accel, pipe.unet, obj, cfg)
+    assert again == pytest.approx(card["heldout_loss"], rel=1e-4) and again > 0
+    # couplings made with other settings, and a method that trains on none, are refused in one line
+    other = tmp_path / "other-windows"
+    RC.generate_couplings(tiny_random_pipe, PROMPTS[:2], other, num_steps=4, num_windows=1, guidance_scale=3.0,
+                          seed=5, model_id=model, progress=False)
+    with pytest.raises(ConfigError, match="validation_couplings_dir=.* was made with other windows"):
+        ReflowObjective(_config(model, couplings, "unused", validation_couplings_dir=str(other)), pipe, ACCEL)
+    with pytest.raises(ConfigError, match="validation_couplings_dir measures a held-out loss"):
+        load_config(None, method="lcd", validation_couplings_dir=str(heldout))
+
+
+def test_perceptual_term_compares_teacher_features_of_the_one_step_sample(tiny_setup, tiny_random_pipe, tmp_path):
+    """``perceptual_loss_weight``: the term is 0 when the student's one-step sample is the coupling's data, grows
+    with the gap, sends no gradient into the base weights, adds to the regression with its weight, and a run with
+    it writes an adapter whose card names it."""
+    from stepdistill import adversarial
+
+    model, couplings = tiny_setup
+    K1 = tmp_path / "k1"
+    RC.generate_couplings(tiny_random_pipe, PROMPTS, K1, num_steps=2, num_windows=1, guidance_scale=3.0,
+                          model_id=model, progress=False)
+    cfg = _config(model, str(K1), "unused", reflow_windows=1, reflow_time_distribution="noise",
+                  perceptual_loss_weight=2.0, perceptual_layers=["down_blocks.0", "mid_block"])
+    obj = ReflowObjective(cfg, tiny_random_pipe, ACCEL)
+    lora.add_lora_to_unet(tiny_random_pipe.unet, rank=4, alpha=4, target_modules=lora_target_modules(cfg,
+                                                                                                       tiny_random_pipe.unet))
+    unet = tiny_random_pipe.unet
+    batch = collate_rows(obj.dataset, torch.arange(4))
+    x0 = batch["states"][:, -1].float()
+    cond = batch["cond"]
+    assert float(obj.perceptual_loss(unet, x0, x0, cond, torch.Generator().manual_seed(0))) < 1e-8
+    near = obj.perceptual_loss(unet, x0 + 0.05 * torch.randn_like(x0), x0, cond, torch.Generator().manual_seed(0))
+    far = obj.perceptual_loss(unet, x0 + 1.0 * torch.randn_like(x0), x0, cond, torch.Generator().manual_seed(0))
+    assert 0 < float(near) < float(far)
+    pred = (x0 + torch.randn_like(x0)).requires_grad_(True)
+    obj.perceptual_loss(unet, pred, x0, cond, torch.Generator().manual_seed(0)).backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in unet.named_parameters() if "lora" not in n)
+    total, logs = obj.loss(unet, unet, batch, torch.Generator().manual_seed(1))
+    assert float(total.detach()) == pytest.approx(logs["regression"] + 2.0 * logs["perceptual"], rel=1e-5)
+    assert adversarial.perceptual_distance([torch.ones(1, 3, 2, 2)], [-torch.ones(1, 3, 2, 2)]).item() == \
+        pytest.approx(4.0)  # opposite unit vectors
+    out = train(_config(model, str(K1), tmp_path / "run", reflow_windows=1, reflow_time_distribution="noise",
+                        perceptual_loss_weight=1.0, max_train_steps=2))
+    card = json.loads((out / "stepdistill_card.json").read_text())
+    assert card["perceptual_loss_weight"] == 1.0 and card["perceptual_layers"] == "down_blocks.0,down_blocks.1,mid_block"
+    with pytest.raises(ConfigError, match="needs reflow_windows=1"):
+        _config(model, couplings, "unused", perceptual_loss_weight=1.0)
+    with pytest.raises(ConfigError, match="layer 'mid_blok' is not in"):
+        ReflowObjective(_config(model, str(K1), "unused", reflow_windows=1, perceptual_loss_weight=1.0,
+                                perceptual_layers=["mid_blok"]), tiny_random_pipe, ACCEL)
+
+
 def test_reflow_resume_is_exact(tiny_setup, tmp_path):
     from resume_check import check_resume_is_exact
 
@@ -98,6 +191,30 @@ def test_targets_are_the_piecewise_segments_and_windows_subsample(tiny_setup, ti
         ReflowObjective(_config(model, couplings, "unused", reflow_windows=3), tiny_random_pipe, ACCEL)
     with pytest.raises(ConfigError, match="couplings_dir"):
         ReflowObjective(_config(model, None, "unused"), tiny_random_pipe, ACCEL)
+
+
+def test_reflow_loss_type_reaches_the_objective(tiny_setup, tiny_random_pipe):
+    """``reflow_loss_type: pseudo_huber`` changes the objective's loss to Lee et al.'s distance on the same targets
+    and prediction; the card records it; a bad type or c is a one-line config error."""
+    model, couplings = tiny_setup
+    batch = collate_rows(couplings_io.load_couplings(couplings), torch.arange(4))
+    losses = {}
+    for kind in ("l2", "pseudo_huber"):
+        obj = ReflowObjective(_config(model, couplings, "unused", reflow_loss_type=kind), tiny_random_pipe, ACCEL)
+        losses[kind] = float(obj.loss(tiny_random_pipe.unet, tiny_random_pipe.unet, batch,
+                                      torch.Generator().manual_seed(3))[0])
+        assert obj.card(obj.config)["loss_type"] == kind
+    s, x_s, v = obj.targets(batch, torch.Generator().manual_seed(3))
+    v_pred = student_velocity(tiny_random_pipe.unet, x_s, s, batch["cond"], prediction_type=obj.prediction_type,
+                              alphas_cumprod=obj.alphas_cumprod)
+    assert losses["l2"] == pytest.approx(float(reflow.reflow_loss(v_pred, v)), rel=1e-5)
+    assert losses["pseudo_huber"] == pytest.approx(float(reflow.reflow_loss(v_pred, v, loss_type="pseudo_huber")),
+                                                   rel=1e-5)
+    assert losses["l2"] != pytest.approx(losses["pseudo_huber"], rel=1e-2)
+    with pytest.raises(ConfigError, match="reflow_loss_type must be one of"):
+        _config(model, couplings, "unused", reflow_loss_type="huber")
+    with pytest.raises(ConfigError, match="reflow_huber_c must be > 0"):
+        _config(model, couplings, "unused", reflow_loss_type="pseudo_huber", reflow_huber_c=0)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

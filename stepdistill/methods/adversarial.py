@@ -97,6 +97,7 @@ class AdversarialObjective:
         self.kind = config.adv_distillation
         self.distill = DISTILLATIONS[self.kind](config, pipe, accelerator)
         self.dataset = self.distill.dataset  # the distillation's batches feed the GAN term too
+        self.heldout = getattr(self.distill, "heldout", None)  # held-out couplings (reflow term): their regression loss
         if getattr(self.distill, "collate", None) is not None:
             self.collate = self.distill.collate
         self.prediction_type = self.distill.prediction_type
@@ -220,6 +221,10 @@ class AdversarialObjective:
             d, dmd_logs = self.dmd.loss(raw_unet, fake, cond, self.empty.unconditional(cond), gen)
             total, logs = total + c.dmd_loss_weight * d, {**logs, **dmd_logs}
         return total, logs
+
+    def regression_loss(self, unet, batch: dict, gen: torch.Generator):
+        """The reflow term's regression alone (the held-out loss; :meth:`ReflowObjective.regression_loss`)."""
+        return self.distill.regression_loss(unet, batch, gen)
 
     # ------------------------------------------------------------------ sampling and card
     def set_student_scheduler(self, pipe):

@@ -23,6 +23,9 @@ class LCDObjective:
             raise ConfigError(f"loss_type must be 'l2' or 'huber', got {config.loss_type!r}")
         if not config.w_min <= config.w_max:
             raise ConfigError(f"w_min ({config.w_min}) must not exceed w_max ({config.w_max})")
+        if config.validation_couplings_dir:
+            raise ConfigError("validation_couplings_dir measures a held-out loss on couplings, for methods trained on "
+                              "them (reflow; adversarial with adv_distillation: reflow): drop it here")
 
     def __init__(self, config, pipe, accelerator):
         if family_of(pipe).is_flow:

@@ -24,17 +24,19 @@ must be sampled, with the couplings' ``guidance_scale``.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 
 import torch
 
-from .. import reflow
+from .. import adversarial, reflow
 from ..data.couplings import load_couplings
 from ..errors import ConfigError
 from ..models.denoiser import TeacherFlow, model_velocity
 from ..models.flux import pack_flux_latents
 from ..models.latents import seeded_noise
 from .base import common_card, validate_with_pipeline
+from .features import FeatureTap, adapters_disabled, submodule
 from .levers import Levers
 
 LOSS_WEIGHTINGS = ("velocity", "native")
@@ -56,6 +58,23 @@ class ReflowObjective:
         if config.reflow_loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"reflow_loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                               f"got {config.reflow_loss_weighting!r}")
+        if config.reflow_loss_type not in reflow.REFLOW_LOSS_TYPES:
+            raise ConfigError(f"reflow_loss_type must be one of {reflow.REFLOW_LOSS_TYPES}, "
+                              f"got {config.reflow_loss_type!r}")
+        if config.reflow_huber_c is not None and not config.reflow_huber_c > 0:
+            raise ConfigError(f"reflow_huber_c must be > 0 (or unset for iCT's 0.00054 sqrt(d)), "
+                              f"got {config.reflow_huber_c}")
+        if not (config.perceptual_loss_weight >= 0 and math.isfinite(config.perceptual_loss_weight)):
+            raise ConfigError(f"perceptual_loss_weight must be a finite number >= 0, got {config.perceptual_loss_weight}")
+        if config.perceptual_loss_weight > 0:
+            if config.reflow_windows != 1:
+                raise ConfigError("perceptual_loss_weight compares the one-step sample with the coupling's data: it "
+                                  f"needs reflow_windows=1 (got {config.reflow_windows})")
+            if not config.perceptual_layers:
+                raise ConfigError("perceptual_loss_weight > 0 needs perceptual_layers, e.g. [down_blocks.1, mid_block]")
+            if not config.perceptual_timesteps or not all(0 <= t < 1000 for t in config.perceptual_timesteps):
+                raise ConfigError(f"perceptual_timesteps must be a non-empty list of timesteps in [0, 999], "
+                                  f"got {config.perceptual_timesteps}")
         if config.reflow_time_distribution not in ("uniform", "logit_normal", "noise"):
             raise ConfigError(f"reflow_time_distribution must be 'uniform', 'logit_normal' or 'noise', "
                               f"got {config.reflow_time_distribution!r}")
@@ -78,25 +97,9 @@ class ReflowObjective:
             self.couplings = self.dataset = load_couplings(config.couplings_dir)
         m = self.couplings.manifest
         where = f"couplings at {config.couplings_dir}"
-        if m["teacher"] != self.kind or m["prediction_type"] != self.prediction_type:
-            raise ConfigError(f"{where} come from a {m['teacher']}/{m['prediction_type']} teacher, but "
-                              f"{config.pretrained_model} is {self.kind}/{self.prediction_type}")
-        if self.couplings.flow_family != self.flow_family:
-            raise ConfigError(f"{where} come from a {self.couplings.flow_family} teacher, but "
-                              f"{config.pretrained_model} is a {self.flow_family} model")
-        if bool(m.get("guidance_embeds")) != teacher.guidance_embeds:
-            raise ConfigError(f"{where}: the teacher {'had' if m.get('guidance_embeds') else 'had no'} guidance "
-                              f"embedding, {config.pretrained_model} "
-                              f"{'has' if teacher.guidance_embeds else 'has none'}")
+        self.check_couplings(self.couplings, where, teacher)
         # FLUX-dev: the embedded guidance the couplings were made with is the student's too
         self.student_guidance = float(m["guidance_scale"]) if teacher.guidance_embeds else 1.0
-        if abs(float(m["sigma_max"]) - self.sigma_max) > 1e-5:
-            raise ConfigError(f"{where} start at flow time {m['sigma_max']:.6f}, this model's schedule at "
-                              f"{self.sigma_max:.6f}: they were generated with another noise schedule")
-        if m.get("model") and m["model"] != config.pretrained_model:
-            warnings.warn(f"{where} were generated with model {m['model']!r}, training on "
-                          f"{config.pretrained_model!r}; reflow assumes the student's base is the coupling teacher",
-                          UserWarning, stacklevel=2)
         K, K_c = int(config.reflow_windows), int(m["num_windows"])
         if K < 1 or K_c % K:
             raise ConfigError(f"reflow_windows={K} must divide the couplings' num_windows={K_c} (their boundary "
@@ -117,6 +120,46 @@ class ReflowObjective:
             raise ConfigError(f"resolution={config.resolution}, but the couplings are {self.resolution}px latents "
                               f"({m['latent_shape']}); drop resolution or regenerate the couplings")
         self.levers = Levers(config, pipe, accelerator)
+        if config.perceptual_loss_weight > 0:
+            if self.kind != "vp":
+                raise ConfigError(f"perceptual_loss_weight needs a UNet teacher (SD 1.x/2.x, SDXL), whose features "
+                                  f"measure it; {config.pretrained_model} is a flow-matching model")
+            for name in config.perceptual_layers:
+                submodule(pipe.unet, name)  # a misspelt layer: a one-line error now, not at the first step
+            self.perceptual_timesteps = torch.tensor(config.perceptual_timesteps, dtype=torch.long)
+        self.heldout = None  # couplings the run never trains on: their loss is logged (training/heldout.py)
+        if config.validation_couplings_dir:
+            with accelerator.main_process_first():
+                self.heldout = load_couplings(config.validation_couplings_dir)
+            self.check_couplings(self.heldout, f"validation couplings at {config.validation_couplings_dir}", teacher)
+            h = self.heldout.manifest
+            if (int(h["num_windows"]) != K_c or h["latent_shape"] != m["latent_shape"]
+                    or float(h["guidance_scale"]) != float(m["guidance_scale"])):
+                raise ConfigError(f"validation_couplings_dir={config.validation_couplings_dir} was made with other "
+                                  "windows, latent size or guidance than couplings_dir: generate it with the same "
+                                  "`stepdistill reflow couple` settings and another --seed / --prompts")
+
+    def check_couplings(self, couplings, where: str, teacher):
+        """Refuse couplings that another teacher (kind, prediction type, family, guidance embedding, schedule) made;
+        warn when they name another model."""
+        m, config = couplings.manifest, self.config
+        if m["teacher"] != self.kind or m["prediction_type"] != self.prediction_type:
+            raise ConfigError(f"{where} come from a {m['teacher']}/{m['prediction_type']} teacher, but "
+                              f"{config.pretrained_model} is {self.kind}/{self.prediction_type}")
+        if couplings.flow_family != self.flow_family:
+            raise ConfigError(f"{where} come from a {couplings.flow_family} teacher, but "
+                              f"{config.pretrained_model} is a {self.flow_family} model")
+        if bool(m.get("guidance_embeds")) != teacher.guidance_embeds:
+            raise ConfigError(f"{where}: the teacher {'had' if m.get('guidance_embeds') else 'had no'} guidance "
+                              f"embedding, {config.pretrained_model} "
+                              f"{'has' if teacher.guidance_embeds else 'has none'}")
+        if abs(float(m["sigma_max"]) - self.sigma_max) > 1e-5:
+            raise ConfigError(f"{where} start at flow time {m['sigma_max']:.6f}, this model's schedule at "
+                              f"{self.sigma_max:.6f}: they were generated with another noise schedule")
+        if m.get("model") and m["model"] != config.pretrained_model:
+            warnings.warn(f"{where} were generated with model {m['model']!r}, training on "
+                          f"{config.pretrained_model!r}; reflow assumes the student's base is the coupling teacher",
+                          UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ loss
     def targets(self, batch: dict, gen: torch.Generator):
@@ -134,7 +177,38 @@ class ReflowObjective:
         return s, x_s, v_target
 
     def loss(self, unet, raw_unet, batch: dict, gen: torch.Generator):
-        """MSE between the student's velocity and the (piecewise) straight coupling velocity."""
+        """The distance (``reflow_loss_type``: MSE or pseudo-Huber) between the student's velocity and the
+        (piecewise) straight coupling velocity, the optional perceptual term, and the KD levers."""
+        loss, s, (x_s, v_pred, v_target) = self.regression_loss(unet, batch, gen, parts=True)
+        logs = {"s_mean": float(s.mean())}
+        if self.config.perceptual_loss_weight > 0:
+            p = self.perceptual_loss(raw_unet, adversarial.x0_from_flow(x_s, v_pred, s.to(self.device)),
+                                     adversarial.x0_from_flow(x_s, v_target, s.to(self.device)), batch["cond"], gen)
+            logs = {**logs, "regression": float(loss.detach()), "perceptual": float(p.detach())}
+            loss = loss + self.config.perceptual_loss_weight * p
+        # KD levers (0 by default: no-op; their data are the cached real images of train_data)
+        return self.levers.add(loss, logs, unet, raw_unet, len(s), gen)
+
+    def perceptual_loss(self, raw_unet, x0_pred, x0_target, cond: dict, gen: torch.Generator) -> torch.Tensor:
+        """LPIPS's distance (:func:`stepdistill.adversarial.perceptual_distance`) between the frozen teacher's
+        features at ``perceptual_layers`` of the two clean latents, renoised with the same noise to a timestep drawn
+        per sample from ``perceptual_timesteps``; the gradient reaches ``x0_pred`` only."""
+        pick = torch.randint(0, len(self.perceptual_timesteps), (len(x0_pred),), generator=gen)
+        t = self.perceptual_timesteps[pick].to(self.device)
+        noise = torch.randn(x0_pred.shape, generator=gen).to(self.device)
+        layers, ac = self.config.perceptual_layers, self.alphas_cumprod.to(self.device)
+        with adapters_disabled(raw_unet):
+            with torch.no_grad(), FeatureTap(raw_unet, layers) as tap:
+                raw_unet(adversarial.renoise(x0_target.float(), noise, t, ac).to(raw_unet.dtype), t, **cond)
+                target = [f.float() for f in tap.features]
+            with FeatureTap(raw_unet, layers) as tap:
+                raw_unet(adversarial.renoise(x0_pred.float(), noise, t, ac).to(raw_unet.dtype), t, **cond)
+                pred = tap.features
+        return adversarial.perceptual_distance(pred, target)
+
+    def regression_loss(self, unet, batch: dict, gen: torch.Generator, parts: bool = False):
+        """``(loss, s)``: the regression term alone on ``batch`` (what :meth:`loss` trains and the held-out loss
+        measures); with ``parts`` also ``(x_s, v_pred, v_target)`` on the device."""
         s, x_s, v_target = self.targets(batch, gen)
         v_pred = model_velocity(unet, x_s.to(self.device), s, batch["cond"], prediction_type=self.prediction_type,
                                 alphas_cumprod=self.alphas_cumprod, num_train_timesteps=self.num_train_timesteps,
@@ -142,9 +216,9 @@ class ReflowObjective:
         weighting = None
         if self.config.reflow_loss_weighting == "native":
             weighting = reflow.native_loss_weight(s, self.prediction_type).to(self.device)
-        loss = reflow.reflow_loss(v_pred, v_target.to(self.device), weighting)
-        # KD levers (0 by default: no-op; their data are the cached real images of train_data)
-        return self.levers.add(loss, {"s_mean": float(s.mean())}, unet, raw_unet, len(x_s), gen)
+        v_target = v_target.to(self.device)
+        loss = reflow.reflow_loss(v_pred, v_target, weighting, self.config.reflow_loss_type, self.config.reflow_huber_c)
+        return (loss, s, (x_s.to(self.device), v_pred, v_target)) if parts else (loss, s)
 
     # ------------------------------------------------------------------ sampling and card
     def scheduler_spec(self) -> tuple[str, str, dict]:
@@ -191,5 +265,10 @@ class ReflowObjective:
                 "coupling_teacher": m.get("model", ""), "coupling_solver": m["solver"],
                 "coupling_steps": m["num_steps"], "coupling_guidance": m["guidance_scale"],
                 "num_couplings": m["num_couplings"], "time_distribution": config.reflow_time_distribution,
-                "loss_weighting": config.reflow_loss_weighting, **common_card(config),
+                "loss_weighting": config.reflow_loss_weighting, "loss_type": config.reflow_loss_type,
+                **({"perceptual_loss_weight": config.perceptual_loss_weight,
+                    "perceptual_layers": ",".join(config.perceptual_layers),
+                    "perceptual_timesteps": ",".join(map(str, config.perceptual_timesteps)),
+                   } if config.perceptual_loss_weight > 0 else {}),
+                **common_card(config),
                 "resolution": self.resolution}

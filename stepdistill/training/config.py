@@ -85,6 +85,15 @@ class TrainConfig:
     init_lora: str | None = None             # start the trained adapter from this LoRA file (same layers/rank)
     reflow_loss_weighting: str = "velocity"    # "velocity": MSE on the flow velocity (Rectified Flow eq. 1);
                                                # "native": MSE in the model's output space (eps/v/x0)
+    reflow_loss_type: str = "l2"             # "l2" (Rectified Flow eq. 1) or "pseudo_huber": sqrt(||v - v*||^2 + c^2) - c
+                                             # per sample (Lee et al. 2024, after iCT)
+    reflow_huber_c: float | None = None      # its c; default 0.00054 sqrt(latent dims) (iCT)
+    perceptual_loss_weight: float = 0.0      # reflow, one window, UNet teachers: + this x LPIPS's distance (unit
+                                             # weights) between the frozen teacher's features of the one-step sample
+                                             # x_s - s v and of the coupling's data, both renoised to one t of
+                                             # perceptual_timesteps (InstaFlow's LPIPS term, in latent space)
+    perceptual_layers: list[str] = field(default_factory=lambda: ["down_blocks.0", "down_blocks.1", "mid_block"])
+    perceptual_timesteps: list[int] = field(default_factory=lambda: [50, 200])
     # adversarial (method: adversarial; LADD-style GAN term, stepdistill/methods/adversarial.py, docs/methods.md)
     adv_distillation: str = "lcd"            # the distillation term: "lcd" (consistency target) or "reflow"
                                              # (velocity target on couplings_dir; reflow_windows must be 1)
@@ -120,6 +129,10 @@ class TrainConfig:
     validation_steps: int = 500
     validation_prompts: list[str] = field(default_factory=list)
     validation_step_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    validation_couplings_dir: str | None = None  # reflow / adversarial on couplings: couplings the run never trains
+                                             # on; every validation_steps (and at the end) the regression loss on
+                                             # them is logged as heldout_loss, beside the training loss
+    validation_batches: int = 8              # batches of train_batch_size held-out couplings per measurement
     report_to: str = "tensorboard"
     save_diffusers_format: bool = False      # also write the diffusers-native layout under <output_dir>/diffusers/
 
@@ -132,7 +145,7 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                    "process_group_timeout_minutes"):
+                    "process_group_timeout_minutes", "validation_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.data_mode not in ("cached", "streaming"):

@@ -74,6 +74,7 @@ from .checkpoints import (
     warn_fallback,
 )
 from .config import TrainConfig
+from .heldout import heldout_loss
 from .preflight import (
     check_mixed_precision,
     check_model_source,
@@ -237,6 +238,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         sampler.start = stream_position(global_step, config.gradient_accumulation_steps, accelerator.num_processes,
                                         config.train_batch_size)
     batches = iter(loader)
+    heldout = {}  # step -> the held-out loss (validation_couplings_dir): logged, and the last one in the card
+    measure_heldout = getattr(objective, "heldout", None) is not None
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
                disable=not accelerator.is_local_main_process)
     wrapped.train()
@@ -256,6 +259,12 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
             global_step += 1
             mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")  # over processes
             logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
+            if measure_heldout and (global_step == config.max_train_steps or (
+                    config.validation_steps and global_step % config.validation_steps == 0)):
+                logs["heldout_loss"] = heldout[global_step] = heldout_loss(accelerator, wrapped, objective, config)
+                if accelerator.is_local_main_process:
+                    bar.write(f"step {global_step}: held-out loss {logs['heldout_loss']:.4g} (training loss "
+                              f"{logs['loss']:.4g})")
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4g}")
             if log_with:
@@ -278,6 +287,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         raw = accelerator.unwrap_model(wrapped)
         metadata = {**objective.card(config), "num_processes": accelerator.num_processes,
                     "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1]}
+        if heldout:  # the last measurement (a run resumed at its end has none)
+            metadata["heldout_loss"] = round(heldout[max(heldout)], 6)
         header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
         tag = family.base_model_tag(raw)
         lora.save_trained_adapter(output_dir, raw, tag, header, metadata["title"], state=state)
