@@ -15,12 +15,14 @@ Modules:
 * :mod:`.files` -- finding, opening, detecting and reading files; :mod:`.save` -- :func:`save_lora`;
 * :mod:`.metadata` -- the ``ss_*`` / ``modelspec.*`` / ``stepdistill.*`` header;
   :mod:`.base_model_tags` -- base-model tags and inferring them from a file;
+* :mod:`.average` -- the weighted mean of several adapters' updates, refactored into one (``stepdistill average``);
 * :mod:`.verify` -- layer-by-layer load verification; :mod:`.export` / :mod:`.inspect` -- conversion
   and description (``stepdistill export`` / ``inspect``); :mod:`.trained` -- writing a training run's adapter;
   :mod:`.tools` -- which tools apply which layout.
 
 Model-family knowledge (default targets, which denoiser a pipeline has) is :mod:`stepdistill.models.family`'s.
 """
+from .average import average_adapters, average_layers
 from .base_model_tags import BASE_MODEL_VERSIONS, FLOW_FAMILIES, UNET_FAMILY_NAMES, infer_family
 from .diffusers_layout import FOLDED_ALPHA_KEY, to_diffusers
 from .errors import LoraFormatError, LoraLoadError
@@ -47,7 +49,7 @@ from .verify import LoraLoadReport, verify_lora_loaded
 __all__ = [
     "Adapter", "BASE_MODEL_VERSIONS", "FLOW_FAMILIES", "FLOW_KEYS", "FOLDED_ALPHA_KEY", "FORMATS", "KOHYA_PREFIX",
     "LORA_WEIGHT_NAME", "LoraFormatError", "LoraLayers", "LoraLoadError", "LoraLoadReport", "ONETRAINER_PREFIX",
-    "UNET_FAMILY_NAMES", "add_lora_to_unet", "build_metadata", "comfy_unmapped", "export_lora", "format_inspection",
+    "UNET_FAMILY_NAMES", "add_lora_to_unet", "average_adapters", "average_layers", "build_metadata", "comfy_unmapped", "export_lora", "format_inspection",
     "from_kohya", "infer_family", "init_adapter_from_file", "inspect_lora", "kohya_name", "lora_delta",
     "lora_layers_from_state_dict", "module_type", "open_safetensors", "pairs_to_layers", "read_adapter",
     "read_lora", "read_lora_layers", "resolve_lora_file", "save_lora", "save_trained_adapter", "split_module_name",
