@@ -84,9 +84,35 @@ def test_reflow_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
     pipe, model = tiny_model
     RC.generate_couplings(pipe, PROMPTS, tmp_path / "couplings", num_steps=2, num_windows=2, guidance_scale=3.0,
                           model_id=model, progress=False)
-    out = full_crashed_resumed(tmp_path, dict(RUN, method="reflow", pretrained_model=model, couplings_dir=str(tmp_path / "couplings"),
-                                reflow_windows=2))
+    config = dict(RUN, method="reflow", pretrained_model=model, couplings_dir=str(tmp_path / "couplings"),
+                  reflow_windows=2, validation_couplings_dir=str(tmp_path / "couplings"), validation_batches=3)
+    out = full_crashed_resumed(tmp_path, config)
     check_ranks_and_resume(out)
+    # the held-out loss, measured by two processes (3 batches: one process runs a spare, uncounted forward),
+    # equals one process's measurement of the same adapter, and the resumed run measures the same
+    import contextlib
+    import types
+
+    from peft.utils import set_peft_model_state_dict
+
+    from stepdistill import lora
+    from stepdistill.methods.reflow import ReflowObjective
+    from stepdistill.models.pipeline import load_pipeline
+    from stepdistill.training.config import load_config
+    from stepdistill.training.heldout import heldout_loss
+    from stepdistill.training.loop import lora_target_modules
+
+    cards = [json.loads((out / run / "stepdistill_card.json").read_text()) for run in ("full", "crashed")]
+    assert cards[0]["heldout_loss"] == pytest.approx(cards[1]["heldout_loss"], rel=1e-5)
+    cfg = load_config(None, **dict(config, output_dir=str(tmp_path / "unused")))
+    one = load_pipeline(model)
+    lora.add_lora_to_unet(one.unet, rank=cfg.lora_rank, alpha=cfg.lora_rank,
+                          target_modules=lora_target_modules(cfg, one.unet))
+    set_peft_model_state_dict(one.unet, load_file(str(out / "full" / "checkpoint-4" / "lora_state.safetensors")))
+    accel = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext,
+                                  process_index=0, num_processes=1)
+    alone = heldout_loss(accel, one.unet, ReflowObjective(cfg, one, accel), cfg)
+    assert alone == pytest.approx(cards[0]["heldout_loss"], rel=1e-4, abs=1e-6)
 
 
 def test_adversarial_dmd_streaming_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
