@@ -212,10 +212,7 @@ REFLOW_LOSS_TYPES = ("l2", "pseudo_huber")
 def pseudo_huber_c(sample_shape) -> float:
     """The pseudo-Huber constant of Song & Dhariwal 2023 (iCT, Sec. 3.3), ``c = 0.00054 sqrt(d)`` for ``d`` dimensions
     per sample, which Lee et al. 2024 (arXiv:2405.20320, Sec. 4) carry over to the reflow regression."""
-    d = 1
-    for n in sample_shape:
-        d *= int(n)
-    return 0.00054 * math.sqrt(d)
+    return 0.00054 * math.sqrt(math.prod(int(n) for n in sample_shape))
 
 
 def reflow_loss(v_pred: torch.Tensor, v_target: torch.Tensor, weighting: torch.Tensor | None = None,

@@ -49,7 +49,8 @@ from .verify import LoraLoadReport, verify_lora_loaded
 __all__ = [
     "Adapter", "BASE_MODEL_VERSIONS", "FLOW_FAMILIES", "FLOW_KEYS", "FOLDED_ALPHA_KEY", "FORMATS", "KOHYA_PREFIX",
     "LORA_WEIGHT_NAME", "LoraFormatError", "LoraLayers", "LoraLoadError", "LoraLoadReport", "ONETRAINER_PREFIX",
-    "UNET_FAMILY_NAMES", "add_lora_to_unet", "average_adapters", "average_layers", "build_metadata", "comfy_unmapped", "export_lora", "format_inspection",
+    "UNET_FAMILY_NAMES", "add_lora_to_unet", "average_adapters", "average_layers", "build_metadata", "comfy_unmapped",
+    "export_lora", "format_inspection",
     "from_kohya", "infer_family", "init_adapter_from_file", "inspect_lora", "kohya_name", "lora_delta",
     "lora_layers_from_state_dict", "module_type", "open_safetensors", "pairs_to_layers", "read_adapter",
     "read_lora", "read_lora_layers", "resolve_lora_file", "save_lora", "save_trained_adapter", "split_module_name",

@@ -20,6 +20,8 @@ A method is a class with::
                                     # where `stepdistill sample` / `eval` read the sampler from
     checkpoint_objects() -> list    # optional: more state the loop checkpoints and resumes (objects with
                                     # state_dict / load_state_dict, e.g. the adversarial method's discriminator)
+    heldout                         # optional: a dataset the run never trains on (None: none), measured with
+    regression_loss(model, batch, generator) -> (loss, ...)  # by the loop (stepdistill/training/heldout.py)
 
 Adding a method is one module in this package plus one line in ``METHODS`` (``stepdistill/methods/__init__.py``).
 The real-image data (:func:`image_batches`: the latent cache :class:`CachedBatches`, or :class:`StreamedBatches`)

@@ -34,7 +34,7 @@ def heldout_loss(accelerator, model, objective, config) -> float:
     """The mean regression loss per held-out coupling, the same on every process."""
     batches = heldout_batches(len(objective.heldout), config.train_batch_size, config.validation_batches)
     rank, world = accelerator.process_index, accelerator.num_processes
-    sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (loss x rows, rows)
+    loss_sum = rows = 0.0
     for j in range(math.ceil(len(batches) / world)):
         b = j * world + rank
         counted = b < len(batches)
@@ -42,9 +42,8 @@ def heldout_loss(accelerator, model, objective, config) -> float:
         batch = collate_rows(objective.heldout, batches[b], device=accelerator.device)
         loss, _ = objective.regression_loss(model, batch, torch.Generator().manual_seed(HELDOUT_SEED + b))
         if counted:
-            sums += torch.stack([loss.double() * len(batches[b]), torch.tensor(float(len(batches[b])),
-                                                                                dtype=torch.float64,
-                                                                                device=sums.device)])
+            loss_sum, rows = loss_sum + float(loss) * len(batches[b]), rows + len(batches[b])
+    sums = torch.tensor([loss_sum, rows], dtype=torch.float64, device=accelerator.device)
     if world > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     return float(sums[0] / sums[1])

@@ -238,7 +238,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         sampler.start = stream_position(global_step, config.gradient_accumulation_steps, accelerator.num_processes,
                                         config.train_batch_size)
     batches = iter(loader)
-    heldout = {}  # step -> the held-out loss (validation_couplings_dir): logged, and the last one in the card
+    last_heldout = None  # the last held-out loss measured (validation_couplings_dir): it goes into the card
     measure_heldout = getattr(objective, "heldout", None) is not None
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc=f"{config.method} distillation",
                disable=not accelerator.is_local_main_process)
@@ -261,7 +261,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
             logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
             if measure_heldout and (global_step == config.max_train_steps or (
                     config.validation_steps and global_step % config.validation_steps == 0)):
-                logs["heldout_loss"] = heldout[global_step] = heldout_loss(accelerator, wrapped, objective, config)
+                logs["heldout_loss"] = last_heldout = heldout_loss(accelerator, wrapped, objective, config)
                 if accelerator.is_local_main_process:
                     bar.write(f"step {global_step}: held-out loss {logs['heldout_loss']:.4g} (training loss "
                               f"{logs['loss']:.4g})")
@@ -287,8 +287,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         raw = accelerator.unwrap_model(wrapped)
         metadata = {**objective.card(config), "num_processes": accelerator.num_processes,
                     "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1]}
-        if heldout:  # the last measurement (a run resumed at its end has none)
-            metadata["heldout_loss"] = round(heldout[max(heldout)], 6)
+        if last_heldout is not None:  # a run resumed at its end measured none
+            metadata["heldout_loss"] = round(last_heldout, 6)
         header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
         tag = family.base_model_tag(raw)
         lora.save_trained_adapter(output_dir, raw, tag, header, metadata["title"], state=state)
