@@ -74,10 +74,19 @@ def tiny_model(tmp_path_factory):
 
 
 def test_lcd_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
+    """With ``ema_decay``: both ranks end holding the same moving average (what the run writes), and the resumed
+    run's checkpoint carries the same average as the uninterrupted run's."""
     _, model = tiny_model
     out = full_crashed_resumed(tmp_path, dict(RUN, pretrained_model=model, train_data="toy:12", cache_dir=str(tmp_path / "cache"),
-                                w_min=1.0, w_max=3.0))
+                                w_min=1.0, w_max=3.0, ema_decay=0.9))
     check_ranks_and_resume(out)
+    full, resumed = (load_file(str(out / run / "checkpoint-4" / "ema_state.safetensors")) for run in ("full", "crashed"))
+    trained = load_file(str(out / "full" / "checkpoint-4" / "lora_state.safetensors"))
+    assert full.keys() == resumed.keys() and len(full) == len(trained)
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(full[k], trained[k.replace(".default", "")]) for k in full)
+    assert json.loads((out / "full" / "stepdistill_card.json").read_text())["ema_decay"] == 0.9
 
 
 def test_reflow_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):

@@ -174,6 +174,13 @@ def test_evaluate_writes_outputs_and_repeats_exactly(model_and_loras, tmp_path):
     with Image.open(tmp_path / "a" / "quality_vs_steps.png") as im:
         assert im.size[0] > 600 and np.asarray(im.convert("L")).std() > 10  # two panels, not a blank canvas
 
+    # --no-baselines drops the <student>-base rows
+    args = parser.parse_args(["eval", "--model", model, "--prompts", f"toy:{N_PROMPTS}", "--student-steps", "1",
+                              "--grid-prompts", "2", "--method", methods[1], "--no-baselines",
+                              "--out", str(tmp_path / "c")])
+    args.func(args)
+    assert list(json.loads((tmp_path / "c" / "results.json").read_text())["methods"]) == ["lcd"]
+
     # second run through the Python API: identical quality numbers (timings excluded)
     b = ev.evaluate(tmp_path / "b", methods=methods, model=model, prompts=f"toy:{N_PROMPTS}", student_steps=(1, 2),
                     teacher_steps=(4,), grid_prompts=4, verbose=False)

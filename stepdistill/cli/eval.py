@@ -58,7 +58,8 @@ def cmd_eval(args):
                        teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance,
                        inception_weights=args.inception_weights, clip_model=args.clip_model,
                        reference_images=args.reference_images, grid_prompts=args.grid_prompts,
-                       batch_size=args.batch_size, device=args.device, verbose=verbose)
+                       batch_size=args.batch_size, device=args.device, verbose=verbose,
+                       baselines=not args.no_baselines)
     if not verbose:
         print("warning: toy-FID needs at least 2 prompts (e.g. --prompts toy:100): reported as n/a", file=sys.stderr)
         print(summary(results))

@@ -1,7 +1,8 @@
 """Training checkpoints: written whole or not at all, rotated within their own run, checked before they are loaded.
 
 A checkpoint ``<output_dir>/checkpoint-<step>/`` holds accelerate's state (optimizer, LR scheduler, RNG states),
-``lora_state.safetensors`` (the adapter, fp32), ``stepdistill_step.json`` (``{"global_step": N}``) and
+``lora_state.safetensors`` (the adapter, fp32), with ``ema_decay`` ``ema_state.safetensors`` (its moving
+average, :mod:`.ema`), ``stepdistill_step.json`` (``{"global_step": N}``) and
 ``stepdistill_checkpoint.json``: the run it belongs to, the size of every file in it, and the adapter's settings.
 It is written to ``.checkpoint-<step>.tmp`` and renamed into place, so a crash never leaves a half-written
 ``checkpoint-<step>``. Rotation (``checkpoints_total_limit``) only deletes checkpoints of the run being trained.
@@ -9,7 +10,7 @@ It is written to ``.checkpoint-<step>.tmp`` and renamed into place, so a crash n
 Before a checkpoint is loaded, :func:`check_checkpoint` verifies it is complete (every recorded file present with
 its recorded size, the adapter readable); ``--resume latest`` falls back to the previous complete checkpoint when
 the newest is not, and :func:`check_adapter_settings` refuses a checkpoint whose adapter another rank, alpha,
-target list or method would not fit.
+target list, method or ``ema_decay`` would not fit.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ STEP_FILE = "stepdistill_step.json"
 RECORD_FILE = "stepdistill_checkpoint.json"
 LORA_STATE = "lora_state.safetensors"
 # the settings a resumed run must share with its checkpoint (the adapter's shape and meaning)
-ADAPTER_KEYS = ("method", "lora_rank", "lora_alpha", "lora_target_modules")
+ADAPTER_KEYS = ("method", "lora_rank", "lora_alpha", "lora_target_modules", "ema_decay")
 
 
 def new_run_id() -> str:
@@ -58,7 +59,7 @@ def read_record(checkpoint: Path) -> dict:
 def adapter_settings(config: TrainConfig) -> dict:
     return {"method": config.method, "lora_rank": config.lora_rank,
             "lora_alpha": float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank),
-            "lora_target_modules": list(config.lora_target_modules)}
+            "lora_target_modules": list(config.lora_target_modules), "ema_decay": config.ema_decay}
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, run_id: str | None = None,

@@ -63,6 +63,8 @@ class TrainConfig:
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0                   # > 0: keep an exponential moving average of the LoRA weights (decay
+                                             # d, diffusers' EMAModel warm-up) and write it as the adapter; 0: off
     train_batch_size: int = 16               # per device
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 1000
@@ -155,6 +157,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"learning_rate must be a finite number >= 0, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns it off; e.g. 0.999), got {self.ema_decay}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError("checkpoints_total_limit must be >= 1, or null to keep every checkpoint")
         methods.check_config(self)  # the method's registry entry checks its own keys

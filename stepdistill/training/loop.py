@@ -27,6 +27,7 @@ the last good checkpoint stays.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import timedelta
@@ -74,6 +75,7 @@ from .checkpoints import (
     warn_fallback,
 )
 from .config import TrainConfig
+from .ema import AdapterEMA, check_ema_engine
 from .heldout import heldout_loss
 from .preflight import (
     check_mixed_precision,
@@ -189,6 +191,11 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         sampler = loader.sampler  # the IndexStream; prepare() keeps this object (its start is set on resume)
         wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
+    ema = None  # ema_decay: the adapter's moving average (.ema); what the run writes at its end
+    if config.ema_decay:
+        check_ema_engine(accelerator)
+        ema = AdapterEMA([(n, p) for n, p in accelerator.unwrap_model(wrapped).named_parameters() if p.requires_grad],
+                         config.ema_decay)
     for extra in getattr(objective, "checkpoint_objects", list)():  # objective state (e.g. a discriminator)
         accelerator.register_for_checkpointing(extra)  # saved in each checkpoint and resumed with it
     if streaming:
@@ -198,6 +205,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         sd = lora_state_dict(accelerator, wrapped)
         if accelerator.is_main_process:
             save_file(sd, os.path.join(path, LORA_STATE))
+            if ema is not None:
+                ema.save(path)
         while weights:  # DDP / one process: accelerate would save the whole denoiser; the LoRA file is enough
             weights.pop()
 
@@ -217,6 +226,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     global_step, run_id = 0, new_run_id()
     if candidates:
         resume, global_step = resume_from(accelerator, config, candidates)
+        if ema is not None:
+            ema.load(resume)
         run_id = read_record(resume).get("run_id") or run_id
         accelerator.print(f"resumed from {resume} at step {global_step}")
     if accelerator.is_main_process:  # the checks passed and everything loaded: now the run's records
@@ -257,11 +268,14 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
                 check_finite_loss(accelerator, loss, global_step + 1, config)
                 losses.append(loss.detach().float())
             global_step += 1
+            if ema is not None:
+                ema.update()
             mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")  # over processes
             logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
             if measure_heldout and (global_step == config.max_train_steps or (
                     config.validation_steps and global_step % config.validation_steps == 0)):
-                logs["heldout_loss"] = last_heldout = heldout_loss(accelerator, wrapped, objective, config)
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # the adapter to be saved
+                    logs["heldout_loss"] = last_heldout = heldout_loss(accelerator, wrapped, objective, config)
                 if accelerator.is_local_main_process:
                     bar.write(f"step {global_step}: held-out loss {logs['heldout_loss']:.4g} (training loss "
                               f"{logs['loss']:.4g})")
@@ -276,10 +290,13 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
                 save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
             if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
                     and global_step % config.validation_steps == 0):
-                objective.validate(pipe, accelerator, global_step)
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                    objective.validate(pipe, accelerator, global_step)
             if interrupt_after is not None and global_step >= interrupt_after:
                 raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
 
+    if ema is not None:
+        ema.copy_to_params()  # the adapter written is the average
     check_finite_weights(params, global_step, config)
     accelerator.wait_for_everyone()
     state = lora_state_dict(accelerator, wrapped)  # every process: gathered from shards under FSDP / DeepSpeed
@@ -287,6 +304,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         raw = accelerator.unwrap_model(wrapped)
         metadata = {**objective.card(config), "num_processes": accelerator.num_processes,
                     "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1]}
+        if ema is not None:
+            metadata["ema_decay"] = config.ema_decay
         if last_heldout is not None:  # a run resumed at its end measured none
             metadata["heldout_loss"] = round(last_heldout, 6)
         header = {f"stepdistill.{k}": str(v) for k, v in metadata.items()}
