@@ -165,6 +165,42 @@ def test_reflow_resume_is_exact(tiny_setup, tmp_path):
     check_resume_is_exact(lambda out, **kw: _config(model, couplings, out, **kw), tmp_path)
 
 
+def test_lora_dropout_changes_training_measures_without_it_and_resumes_exactly(tiny_setup, tmp_path):
+    """``lora_dropout``: peft's dropout on each LoRA branch's input. A run with it trains another adapter than one
+    without; its held-out loss is measured without dropout (it equals the saved adapter's loss, recomputed on a
+    fresh model); and it resumes exactly (the masks come from the RNG state the checkpoint restores)."""
+    from resume_check import check_resume_is_exact
+
+    from stepdistill.lora.peft_adapter import lora_modules
+    from stepdistill.models.pipeline import load_pipeline
+
+    model, couplings = tiny_setup
+    unet = load_pipeline(model).unet
+    lora.add_lora_to_unet(unet, rank=2, dropout=0.25)
+    drops = [m.lora_dropout["default"] for m in lora_modules(unet, "default").values()]
+    assert drops and all(isinstance(d, torch.nn.Dropout) and d.p == 0.25 for d in drops)
+
+    kw = dict(max_train_steps=4, validation_couplings_dir=couplings, validation_batches=2)
+    out = train(_config(model, couplings, tmp_path / "drop", lora_dropout=0.5, **kw))
+    plain = train(_config(model, couplings, tmp_path / "plain", **kw))
+    a, _, _ = lora.read_lora(out / "pytorch_lora_weights.safetensors")
+    b, _, _ = lora.read_lora(plain / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((out / "stepdistill_card.json").read_text())
+    cfg = _config(model, couplings, "unused", **kw)
+    pipe = load_pipeline(model)
+    lora.add_lora_to_unet(pipe.unet, rank=cfg.lora_rank, alpha=cfg.lora_rank,
+                          target_modules=lora_target_modules(cfg, pipe.unet))
+    lora.init_adapter_from_file(pipe.unet, out / "pytorch_lora_weights.safetensors")
+    accel = types.SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1,
+                                  main_process_first=contextlib.nullcontext)
+    again = heldout_loss(accel, pipe.unet.eval(), ReflowObjective(cfg, pipe, accel), cfg)
+    assert again == pytest.approx(card["heldout_loss"], rel=1e-4) and again > 0
+    with pytest.raises(ConfigError, match=r"lora_dropout must be in \[0, 1\)"):
+        _config(model, couplings, "unused", lora_dropout=1.0)
+    check_resume_is_exact(lambda o, **k: _config(model, couplings, o, lora_dropout=0.5, **k), tmp_path / "resume")
+
+
 def test_targets_are_the_piecewise_segments_and_windows_subsample(tiny_setup, tiny_random_pipe):
     model, couplings = tiny_setup
     cs = couplings_io.load_couplings(couplings)

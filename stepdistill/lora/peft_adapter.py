@@ -37,6 +37,7 @@ def add_lora_to_unet(
     alpha: float | None = None,
     target_modules: Iterable[str] = LCM_LORA_TARGET_MODULES,
     adapter_name: str = "default",
+    dropout: float = 0.0,
 ):
     """Add a peft LoRA adapter to ``unet`` the diffusers way (``unet.add_adapter``); returns its ``LoraConfig``.
     Any diffusers model with ``add_adapter`` works (SD3 / FLUX transformers: see
@@ -44,6 +45,8 @@ def add_lora_to_unet(
 
     ``alpha`` defaults to ``rank`` (scale 1). Gaussian init as diffusers' LCM-LoRA example: ``lora_A`` random,
     ``lora_B`` zero, so the adapted UNet starts equal to the base. peft marks only adapter weights trainable.
+    ``dropout`` is peft's ``lora_dropout`` (kohya's ``network_dropout``): dropout on each LoRA branch's input, in
+    training mode only.
     """
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
@@ -52,6 +55,7 @@ def add_lora_to_unet(
         lora_alpha=float(rank if alpha is None else alpha),
         init_lora_weights="gaussian",
         target_modules=list(target_modules),
+        lora_dropout=float(dropout),
     )
     unet.add_adapter(config, adapter_name=adapter_name)
     if not lora_modules(unet, adapter_name):

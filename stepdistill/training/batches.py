@@ -33,6 +33,13 @@ def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> to
     return torch.Generator().manual_seed(int(state))
 
 
+def step_global_seed(seed: int, step: int, micro: int = 0, process: int = 0) -> int:
+    """The seed the loop gives torch's global RNG before micro-step ``micro`` of step ``step`` on process
+    ``process``: what draws from it (peft's ``lora_dropout`` masks) repeats on resume. The second word of the same
+    ``SeedSequence`` as :func:`step_generator`, so the two streams are independent."""
+    return int(np.random.SeedSequence(_entropy(seed, step, micro, process)).generate_state(2, np.uint64)[1])
+
+
 class IndexStream(Sampler):
     """An endless, seeded stream of indices into a dataset of ``n`` rows: each epoch a fresh permutation
     (``SeedSequence((seed, epoch))``). Set :attr:`start` (a position in the stream) before iterating to resume."""

@@ -52,6 +52,8 @@ class TrainConfig:
     # LoRA
     lora_rank: int = 64
     lora_alpha: float | None = None          # default: = rank (scale 1), as diffusers' LCM-LoRA example
+    lora_dropout: float = 0.0                # peft's lora_dropout (kohya's network_dropout): dropout on each LoRA
+                                             # branch's input while training; 0: off
     lora_target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGET_MODULES))
     # optimisation
     learning_rate: float = 1e-4
@@ -157,6 +159,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"learning_rate must be a finite number >= 0, got {self.learning_rate}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1) (0 turns it off; e.g. 0.1), got {self.lora_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns it off; e.g. 0.999), got {self.ema_decay}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -60,7 +60,7 @@ from ..models.family import (
     denoiser_of,
     family_of,
 )
-from .batches import make_dataloader, next_batch, step_generator, stream_position
+from .batches import make_dataloader, next_batch, step_generator, step_global_seed, stream_position
 from .checkpoints import (
     LORA_STATE,
     adapter_settings,
@@ -109,7 +109,7 @@ def setup_adapter_and_optimizer(config: TrainConfig, denoiser, accelerator):
     denoiser.requires_grad_(False)
     alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
     lora.add_lora_to_unet(denoiser, rank=config.lora_rank, alpha=alpha,
-                             target_modules=lora_target_modules(config, denoiser))
+                          target_modules=lora_target_modules(config, denoiser), dropout=config.lora_dropout)
     if config.init_lora:  # continue from an earlier adapter (e.g. InstaFlow's 2nd stage from the reflow LoRA)
         n = lora.init_adapter_from_file(denoiser, config.init_lora)
         accelerator.print(f"adapter initialised from {config.init_lora} ({n} layers)")
@@ -259,7 +259,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
             losses = []
             for micro in range(config.gradient_accumulation_steps):
                 gen = step_generator(config.seed, global_step, micro, accelerator.process_index)
-                batch = next_batch(batches)
+                batch = next_batch(batches)  # (a DataLoader's first batch draws its base seed from the global RNG)
+                torch.manual_seed(step_global_seed(config.seed, global_step, micro, accelerator.process_index))
                 if streaming:
                     stream_state.consumed(batch["stream_position"])
                     batch = send_to_device(batch, accelerator.device)
@@ -274,7 +275,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
             logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
             if measure_heldout and (global_step == config.max_train_steps or (
                     config.validation_steps and global_step % config.validation_steps == 0)):
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # the adapter to be saved
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext(), evaluation_mode(wrapped):
                     logs["heldout_loss"] = last_heldout = heldout_loss(accelerator, wrapped, objective, config)
                 if accelerator.is_local_main_process:
                     bar.write(f"step {global_step}: held-out loss {logs['heldout_loss']:.4g} (training loss "
@@ -290,7 +291,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
                 save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
             if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
                     and global_step % config.validation_steps == 0):
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext(), evaluation_mode(wrapped):
                     objective.validate(pipe, accelerator, global_step)
             if interrupt_after is not None and global_step >= interrupt_after:
                 raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
@@ -318,10 +319,21 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         layout = "transformer.* layout" if family.is_flow else "kohya layout"
         atomic_write_text(output_dir / "README.md", model_card_markdown(metadata, layout))
         if config.validation_prompts:
+            wrapped.eval()  # no lora_dropout in the images
             objective.validate(pipe, accelerator, global_step)
     accelerator.wait_for_everyone()  # no process starts anything else while the main one is still writing
     accelerator.end_training()
     return output_dir
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """``model.eval()`` within the block (no ``lora_dropout`` in a measurement or an image), training mode after."""
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def use_cpu() -> bool:
