@@ -94,7 +94,8 @@ def test_reflow_two_processes_agree_and_resume_exactly(tiny_model, tmp_path):
     RC.generate_couplings(pipe, PROMPTS, tmp_path / "couplings", num_steps=2, num_windows=2, guidance_scale=3.0,
                           model_id=model, progress=False)
     config = dict(RUN, method="reflow", pretrained_model=model, couplings_dir=str(tmp_path / "couplings"),
-                  reflow_windows=2, validation_couplings_dir=str(tmp_path / "couplings"), validation_batches=3)
+                  reflow_windows=2, validation_couplings_dir=str(tmp_path / "couplings"), validation_batches=3,
+                  lora_dropout=0.2)  # each rank's masks repeat on resume
     out = full_crashed_resumed(tmp_path, config)
     check_ranks_and_resume(out)
     # the held-out loss, measured by two processes (3 batches: one process runs a spare, uncounted forward),
