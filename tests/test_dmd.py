@@ -4,6 +4,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from resume_check import check_resume_is_exact
+from safetensors.torch import load_file
 from test_adversarial import _config
 from torch.utils.data import default_collate
 
@@ -99,8 +100,14 @@ def test_dmd_term_moves_the_one_step_sample_from_the_fake_score_towards_the_teac
 
 
 def test_dmd_adapter_file_and_exact_resume(tiny_model_dir, tmp_path):
-    full, resumed = check_resume_is_exact(lambda out, **kw: _config(out, model=tiny_model_dir, **{**DMD, **kw}),
-                                          tmp_path)
+    """With ``ema_decay`` too: the moving average covers the student's adapter only (not the fake score's), and
+    it resumes exactly beside both optimizers."""
+    full, resumed = check_resume_is_exact(
+        lambda out, **kw: _config(out, model=tiny_model_dir, **{**DMD, "ema_decay": 0.9, **kw}), tmp_path)
+    averaged, again = (load_file(str(run / "checkpoint-4" / "ema_state.safetensors")) for run in (full, resumed))
+    trained = load_file(str(full / "checkpoint-4" / "lora_state.safetensors"))
+    assert not any(FAKE_ADAPTER in k for k in averaged) and len(averaged) == len(trained) > 0
+    assert all(torch.equal(averaged[k], again[k]) for k in averaged)
     from diffusers import StableDiffusionPipeline
 
     file = full / "pytorch_lora_weights.safetensors"
