@@ -41,3 +41,14 @@ def tiny_model_dir(tiny_random_pipe, tmp_path):
     path = tmp_path / "tiny-sd"
     tiny_random_pipe.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def tiny_setup(tiny_model_dir, tiny_random_pipe, tmp_path):
+    """``tiny_model_dir`` and K=2 couplings from it: ``(model directory, couplings directory)``."""
+    from stepdistill.methods import reflow_couplings as RC
+    from tiny_models import PROMPTS
+
+    RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=4, num_windows=2,
+                          guidance_scale=3.0, model_id=tiny_model_dir, progress=False)
+    return tiny_model_dir, str(tmp_path / "couplings")

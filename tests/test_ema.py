@@ -7,11 +7,10 @@ import pytest
 import torch
 from resume_check import RESUME_KW, check_resume_is_exact
 from safetensors.torch import load_file
-from tiny_models import PROMPTS
+from test_reflow_training import _config as reflow_config
 
 from stepdistill import lora
 from stepdistill.errors import CheckpointError, ConfigError
-from stepdistill.methods import reflow_couplings as RC
 from stepdistill.training.checkpoints import LORA_STATE
 from stepdistill.training.config import load_config
 from stepdistill.training.ema import EMA_STATE, AdapterEMA
@@ -43,22 +42,11 @@ def test_average_follows_the_update_rule_and_swaps_back():
     assert torch.equal(p.detach(), torch.full((3,), 8.0))  # the trained weights are back
 
 
-@pytest.fixture
-def tiny_setup(tiny_random_pipe, tmp_path):
-    model = tmp_path / "tiny-sd"
-    tiny_random_pipe.save_pretrained(model)
-    RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=2, num_windows=2,
-                          guidance_scale=3.0, model_id=str(model), progress=False)
-    return str(model), str(tmp_path / "couplings")
-
-
 def _config(model, couplings, out, **kw):
-    base = dict(method="reflow", pretrained_model=model, couplings_dir=couplings, output_dir=str(out),
-                reflow_windows=2, lora_rank=4, train_batch_size=4, max_train_steps=4, checkpointing_steps=1,
-                checkpoints_total_limit=10, learning_rate=1e-2, validation_steps=0, report_to="none",
-                reflow_time_distribution="logit_normal")
-    base.update(kw)
-    return load_config(None, **base)
+    """The reflow tests' run (tests/test_reflow_training.py), 4 steps with a checkpoint after each."""
+    return reflow_config(model, couplings, out, **{
+        "max_train_steps": 4, "checkpointing_steps": 1, "checkpoints_total_limit": 10, "learning_rate": 1e-2,
+        "reflow_time_distribution": "logit_normal", **kw})
 
 
 def test_run_writes_the_average_of_the_trained_weights(tiny_setup, tmp_path):

@@ -32,16 +32,6 @@ ACCEL = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=con
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small kernels: see tests/conftest.py
 
 
-@pytest.fixture
-def tiny_setup(tiny_random_pipe, tmp_path):
-    """A saved tiny SD pipeline and K=2 couplings from it."""
-    model = tmp_path / "tiny-sd"
-    tiny_random_pipe.save_pretrained(model)
-    RC.generate_couplings(tiny_random_pipe, PROMPTS, tmp_path / "couplings", num_steps=4, num_windows=2,
-                         guidance_scale=3.0, model_id=str(model), progress=False)
-    return str(model), str(tmp_path / "couplings")
-
-
 def _config(model, couplings, out, **kw):
     base = dict(method="reflow", pretrained_model=model, couplings_dir=couplings, output_dir=str(out),
                 reflow_windows=2, lora_rank=4, train_batch_size=4, max_train_steps=3, checkpointing_steps=0,

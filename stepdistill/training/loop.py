@@ -275,7 +275,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
             logs = {"loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0], **logs}
             if measure_heldout and (global_step == config.max_train_steps or (
                     config.validation_steps and global_step % config.validation_steps == 0)):
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext(), evaluation_mode(wrapped):
+                with adapter_as_written(ema, wrapped):
                     logs["heldout_loss"] = last_heldout = heldout_loss(accelerator, wrapped, objective, config)
                 if accelerator.is_local_main_process:
                     bar.write(f"step {global_step}: held-out loss {logs['heldout_loss']:.4g} (training loss "
@@ -291,7 +291,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
                 save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit, run_id, settings)
             if (accelerator.is_main_process and config.validation_steps and config.validation_prompts
                     and global_step % config.validation_steps == 0):
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext(), evaluation_mode(wrapped):
+                with adapter_as_written(ema, wrapped):
                     objective.validate(pipe, accelerator, global_step)
             if interrupt_after is not None and global_step >= interrupt_after:
                 raise TrainingInterrupted(f"interrupted after step {global_step} (test hook)")
@@ -327,13 +327,16 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def evaluation_mode(model):
-    """``model.eval()`` within the block (no ``lora_dropout`` in a measurement or an image), training mode after."""
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train()
+def adapter_as_written(ema, model):
+    """Within the block ``model`` holds the adapter the run will write -- the moving average (``ema``), if any --
+    in evaluation mode (no ``lora_dropout`` in a measurement or an image); the trained weights and training mode
+    come back after it."""
+    with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train()
 
 
 def use_cpu() -> bool:
