@@ -22,7 +22,8 @@ adapter disabled) tapped at ``disc_layers`` plus small trainable heads (:mod:`.d
 
 The discriminator step runs inside :meth:`AdversarialObjective.loss` with its own optimizer, before the
 generator term is formed; its heads and optimizer are checkpointed through :meth:`checkpoint_objects` (never in
-the adapter file). No gradient reaches the base weights: they are frozen, and the discriminator passes run with
+the adapter file). With the DMD term the fake score's updates come first in the step, on the same one-step
+samples made without gradient, before any forward that builds the student's graph. No gradient reaches the base weights: they are frozen, and the discriminator passes run with
 the adapter disabled.
 """
 from __future__ import annotations
@@ -118,6 +119,11 @@ class AdversarialObjective:
             # the real score's guidance needs the empty prompt: the cached / streamed data carry it, couplings not
             self.empty = self.distill.data if self.kind == "lcd" else EmptyPrompt.encoded(pipe, self.device)
 
+    def after_prepare(self):
+        """The fake score's optimizer, over the UNet's parameters as ``accelerator.prepare`` left them."""
+        if self.dmd is not None:
+            self.dmd.build_optimizer()
+
     def checkpoint_objects(self) -> list:
         """State the training loop checkpoints beside the LoRA (``accelerator.register_for_checkpointing``)."""
         return [self.disc] + ([self.dmd] if self.dmd is not None else [])
@@ -204,14 +210,20 @@ class AdversarialObjective:
         docstring); with the last two weights 0 it is the distillation alone (no discriminator or fake-score work),
         with the first 0 the distillation term is not computed."""
         c = self.config
-        total, logs = 0.0, {}
+        total, logs, student_input = 0.0, {}, None
+        if self.dmd is not None:  # the fake score first, on this step's samples, before any graph of the student
+            student_input = self.gan_batch(batch, gen)  # (:meth:`DistributionMatching.update`)
+            real, x, time, cond = student_input
+            with torch.no_grad():
+                current = self.one_step_sample(unet, x, time, cond)
+            logs["fake_score_loss"] = self.dmd.update(raw_unet, current, cond, gen)
         if c.distill_loss_weight > 0:  # 0: not computed at all (LADD / DMD2 without regression)
-            distill_loss, logs = self.distill.loss(unet, raw_unet, batch, gen)
-            logs = {**logs, "distill": float(distill_loss.detach())}
+            distill_loss, distill_logs = self.distill.loss(unet, raw_unet, batch, gen)
+            logs = {**logs, **distill_logs, "distill": float(distill_loss.detach())}
             total = c.distill_loss_weight * distill_loss
         if c.gan_loss_weight == 0 and self.dmd is None:
             return total, logs
-        real, x, time, cond = self.gan_batch(batch, gen)
+        real, x, time, cond = student_input or self.gan_batch(batch, gen)
         if c.gan_loss_weight > 0:
             g, gan_logs, fake = self.gan_loss(unet, raw_unet, real, x, time, cond, gen)
             total, logs = total + c.gan_loss_weight * g, {**logs, **gan_logs}

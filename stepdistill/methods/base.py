@@ -18,6 +18,9 @@ A method is a class with::
     validate(pipe, accelerator, step)
     card(config) -> dict            # the model card; its scheduler keys go into the adapter's header, which is
                                     # where `stepdistill sample` / `eval` read the sampler from
+    after_prepare()                 # optional: called once after ``accelerator.prepare``, where FSDP2 has
+                                    # replaced the denoiser's parameters by sharded ones (e.g. the DMD term builds
+                                    # its fake score's optimizer here)
     checkpoint_objects() -> list    # optional: more state the loop checkpoints and resumes (objects with
                                     # state_dict / load_state_dict, e.g. the adversarial method's discriminator)
     heldout                         # optional: a dataset the run never trains on (None: none), measured with

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
+    DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     parse_flag_from_env,
@@ -48,6 +49,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
+from transformers.integrations import unset_hf_deepspeed_config
 
 from .. import lora
 from ..atomic import atomic_write_text
@@ -172,7 +174,8 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
     )
 
     set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
-    pipe = load_model(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
+    with zero3_init_disabled(accelerator):  # the frozen text encoder / VAE stay whole (used outside the engine)
+        pipe = load_model(config.pretrained_model, device=str(accelerator.device), dtype=torch.float32)
     denoiser = denoiser_of(pipe)  # the UNet, or the SD3 / FLUX transformer: the LoRA goes here
     family = family_of(pipe)
     objective = build_objective(config, pipe, accelerator)  # also builds/loads the data cache
@@ -191,6 +194,7 @@ def train(config: TrainConfig, interrupt_after: int | None = None) -> Path:
         sampler = loader.sampler  # the IndexStream; prepare() keeps this object (its start is set on resume)
         wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
+    getattr(objective, "after_prepare", lambda: None)()  # e.g. an optimizer over the parameters as sharded
     ema = None  # ema_decay: the adapter's moving average (.ema); what the run writes at its end
     if config.ema_decay:
         check_ema_engine(accelerator)
@@ -337,6 +341,24 @@ def adapter_as_written(ema, model):
             yield
         finally:
             model.train()
+
+
+@contextlib.contextmanager
+def zero3_init_disabled(accelerator):
+    """Under DeepSpeed ZeRO-3, transformers partitions a model as it loads (``zero.Init``) whenever accelerate has
+    registered the DeepSpeed config with it, which accelerate 1.15 does for every ZeRO-3 run, ``zero3_init_flag:
+    false`` included. The text encoders and the VAE run outside the DeepSpeed engine (caching, streaming,
+    validation), so they must load whole: the registration is lifted while the pipeline loads. The denoiser is
+    partitioned when ``accelerator.prepare`` hands it to the engine."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def use_cpu() -> bool:
