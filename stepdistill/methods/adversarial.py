@@ -23,8 +23,8 @@ adapter disabled) tapped at ``disc_layers`` plus small trainable heads (:mod:`.d
 The discriminator step runs inside :meth:`AdversarialObjective.loss` with its own optimizer, before the
 generator term is formed; its heads and optimizer are checkpointed through :meth:`checkpoint_objects` (never in
 the adapter file). With the DMD term the fake score's updates come first in the step, on the same one-step
-samples made without gradient, before any forward that builds the student's graph. No gradient reaches the base weights: they are frozen, and the discriminator passes run with
-the adapter disabled.
+samples made without gradient, before any forward that builds the student's graph. No gradient reaches the base
+weights: they are frozen, and the discriminator passes run with the adapter disabled.
 """
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ class DistributionMatching:
         lora = get_peft_model_state_dict(self.unet, adapter_name=FAKE_ADAPTER)
         lora = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone() for k, v in lora.items()}
         if self.sharded():
-            return {"lora": lora, "optimizer_full": get_optimizer_state_dict(self.unet, self.optimizer, options=self._FULL)}
+            full = get_optimizer_state_dict(self.unet, self.optimizer, options=self._FULL)
+            return {"lora": lora, "optimizer_full": full}
         return {"lora": lora, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict):
