@@ -178,7 +178,7 @@ class DistributionMatching:
         if self.sharded():  # scatter the whole tensors into this process's shards
             held = {n.replace(f".{FAKE_ADAPTER}", ""): p for n, p in self.fake_params().items()}
             lora = {k: distribute_tensor(v.to(held[k].dtype), held[k].device_mesh, held[k].placements)
-                    if k in held else v for k, v in lora.items()}
+                    for k, v in lora.items()}
         set_peft_model_state_dict(self.unet, lora, adapter_name=FAKE_ADAPTER)
         if "optimizer_full" in state:  # torch first builds the empty state (of trainable parameters: the fake's)
             with active_adapter(self.unet, FAKE_ADAPTER):
