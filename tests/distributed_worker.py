@@ -61,6 +61,12 @@ def take_engine_on_cpu(engine: str):
             raise RuntimeError(f"expected a gloo CPU run, got {state.distributed_type}")
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     elif engine == "deepspeed":
+        import deepspeed.ops
+
+        # DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce at start-up (~30 s on a new
+        # machine). Only its inference all-reduce (tensor-parallel inference) uses it, never training, so the test
+        # leaves it out and every collective of the run goes through gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         os.environ.pop("ACCELERATE_USE_CPU", None)
         loop.use_cpu = lambda: False
         state = PartialState(cpu=False, backend="gloo")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "stepdistill"
 # another group of its own layer.
 LAYERS = [
     {"core": ["__init__", "errors", "atomic", "parametrization", "solvers", "lcd", "reflow", "ode",
-              "flow_scheduler", "adversarial"]},
+              "flow_scheduler", "adversarial", "engines"]},
     {"toy": ["toy"]},
     {"models": ["models"]},
     {"data": ["data"], "lora": ["lora"]},

@@ -25,13 +25,13 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import adversarial, parametrization
+from ..engines import deepspeed_zero_stage
 from ..errors import ConfigError
 from ..lora import add_lora_to_unet
 from .base import concat_cond
@@ -54,8 +54,7 @@ def active_adapter(raw_unet, name: str):
 
 class DistributionMatching:
     def __init__(self, config, unet, accelerator, alphas_cumprod: torch.Tensor, prediction_type: str):
-        if accelerator.distributed_type == DistributedType.DEEPSPEED and \
-                getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+        if deepspeed_zero_stage(accelerator) == 3:
             raise ConfigError("dmd_loss_weight > 0 is not supported under DeepSpeed ZeRO-3 (it partitions the fake "
                               "score's LoRA, which trains outside the engine): train under FSDP or DeepSpeed ZeRO-2, "
                               "or set dmd_loss_weight=0")

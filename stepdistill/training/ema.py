@@ -18,11 +18,11 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..engines import shards_weights
 from ..errors import CheckpointError, ConfigError
 
 EMA_STATE = "ema_state.safetensors"
@@ -30,11 +30,7 @@ EMA_STATE = "ema_state.safetensors"
 
 def check_ema_engine(accelerator):
     """Refuse ``ema_decay`` where the LoRA weights are sharded over processes (FSDP, DeepSpeed ZeRO-3)."""
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        sharded = getattr(plugin, "zero_stage", 0) == 3
-    if sharded:
+    if shards_weights(accelerator):
         raise ConfigError(f"ema_decay is not supported under {accelerator.distributed_type.value} (the LoRA weights "
                           "are sharded): set ema_decay=0, or train under DDP / DeepSpeed ZeRO-2, or average "
                           "finished runs with `stepdistill average`")

@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
-    DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     parse_flag_from_env,
@@ -54,6 +53,7 @@ from transformers.integrations import unset_hf_deepspeed_config
 from .. import lora
 from ..atomic import atomic_write_text
 from ..data.streaming import StreamState
+from ..engines import deepspeed_zero_stage
 from ..errors import CheckpointError, StepdistillError, TrainingDiverged
 from ..methods import build_objective
 from ..models.family import (
@@ -350,15 +350,14 @@ def zero3_init_disabled(accelerator):
     false`` included. The text encoders and the VAE run outside the DeepSpeed engine (caching, streaming,
     validation), so they must load whole: the registration is lifted while the pipeline loads. The denoiser is
     partitioned when ``accelerator.prepare`` hands it to the engine."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is None or plugin.zero_stage != 3:
+    if deepspeed_zero_stage(accelerator) != 3:
         yield
         return
     unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        plugin.set_deepspeed_weakref()
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def use_cpu() -> bool:
