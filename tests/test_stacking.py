@@ -155,18 +155,35 @@ def _adapter(env: str, default: Path) -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def toy_style_lora(tmp_path_factory):
-    """The committed hollow-style LoRA (``STEPDISTILL_STYLE_LORA`` or ``stepdistill/toy/weights/style-hollow``),
-    else a short one trained here on the toy teacher (150 steps, ~1 min on one CPU core)."""
-    from stepdistill.toy.world import TOY_TEACHER_DIR
-
-    if not (TOY_TEACHER_DIR / "model_index.json").exists():
-        pytest.skip(f"the toy teacher is not in {TOY_TEACHER_DIR}")
+def toy_style_lora():
+    """The committed hollow-style LoRA (``stepdistill/toy/weights/style-hollow``, made by ``stepdistill train-style
+    --style hollow --steps 400``: docs/world.md), or the file ``STEPDISTILL_STYLE_LORA`` names. Its training code
+    runs end to end in test_train_style_lora_writes_a_loadable_style_adapter (a tiny pipeline) and in the docs'
+    smoke run of that command on the toy teacher."""
     found = _adapter("STEPDISTILL_STYLE_LORA", stacking.TOY_STYLE_LORA.parent)
-    if found is not None:
-        return found
-    recipe = style.StyleRecipe(steps=150, n_images=800)
-    return style.train_style_lora("toy", tmp_path_factory.mktemp("style"), recipe, log_every=0)
+    assert found is not None, f"no style LoRA in {stacking.TOY_STYLE_LORA.parent}: docs/world.md says how it is made"
+    return found
+
+
+@pytest.fixture(scope="module")
+def toy_accel_lora():
+    """The committed toy LCM-LoRA (``stepdistill/toy/weights/lcm-lora``, made by ``stepdistill distill --config
+    configs/toy-lcm-lora.yaml``), or the file ``STEPDISTILL_ACCEL_LORA`` names."""
+    found = _adapter("STEPDISTILL_ACCEL_LORA", stacking.TOY_ACCEL_LORA.parent)
+    assert found is not None, f"no LCM-LoRA in {stacking.TOY_ACCEL_LORA.parent}: docs/world.md says how it is made"
+    return found
+
+
+@pytest.mark.parametrize("which,method,steps", [("style", "style", 400), ("accel", "lcd", 400)])
+def test_committed_toy_adapters_say_what_made_them(which, method, steps, toy_style_lora, toy_accel_lora):
+    """The committed adapters are kohya files for the toy teacher whose metadata names the method and the training
+    steps of the command docs/world.md gives for them."""
+    path = {"style": toy_style_lora, "accel": toy_accel_lora}[which]
+    if os.environ.get("STEPDISTILL_STYLE_LORA" if which == "style" else "STEPDISTILL_ACCEL_LORA"):
+        pytest.skip("checks the committed file, not one given through the environment")
+    _, md, fmt = lora.read_lora(path)
+    assert fmt == "kohya" and md["stepdistill.method"] == method and md["stepdistill.base_model"] == "toy"
+    assert int(md.get("stepdistill.train_steps", md.get("stepdistill.max_train_steps", 0))) == steps, md
 
 
 GUARD_PROMPTS = 32
@@ -184,19 +201,15 @@ def test_style_lora_puts_the_style_on_the_teacher(toy_style_lora):
     styled, _ = stacking.evaluate_cell(pipe, ["style"], prompts, stacking.Cell("s", "ddim", 20, g, {"style": 1.0}),
                                        fid=False)
     assert base["style_strength"] < 0.2
-    # recorded (150 steps, world v2): base 0.10, styled 0.24
+    # recorded (the committed 400-step LoRA, world v2): base 0.10, styled 0.42; colour 0.94, background 1.0
     assert styled["style_strength"] > max(base["style_strength"] + 0.1, 2 * base["style_strength"])
     assert styled["acc_color"] > 0.8 and styled["acc_background"] > 0.8  # what the teacher follows, still followed
 
 
-def test_accelerated_stack_keeps_the_style_with_a_margin(toy_style_lora):
+def test_accelerated_stack_keeps_the_style_with_a_margin(toy_style_lora, toy_accel_lora):
     """4 LCM steps with accel + style LoRA keep the hollow style measurably; the accel LoRA alone draws solid
-    shapes. Needs an acceleration LoRA for the toy teacher: ``STEPDISTILL_ACCEL_LORA`` or
-    ``stepdistill/toy/weights/lcm-lora`` (``stepdistill distill --config configs/toy-lcm-lora.yaml``)."""
-    accel = _adapter("STEPDISTILL_ACCEL_LORA", stacking.TOY_ACCEL_LORA.parent)
-    if accel is None:
-        pytest.skip("needs an acceleration LoRA for the toy teacher (set STEPDISTILL_ACCEL_LORA or commit one to "
-                    f"{stacking.TOY_ACCEL_LORA.parent})")
+    shapes."""
+    accel = toy_accel_lora
     from stepdistill.models.pipeline import load_pipeline
 
     pipe = load_pipeline("toy", device="cpu")
@@ -209,4 +222,8 @@ def test_accelerated_stack_keeps_the_style_with_a_margin(toy_style_lora):
                                      stacking.Cell("a+s", "lcm", 4, 1.0, {"accel": 1.0, "style": 1.0}), fid=False)
     assert accel_only["style_strength"] < 0.2
     assert both["style_strength"] > accel_only["style_strength"] + 0.15
-    assert both["prompt_accuracy"] > 0.4
+    # recorded (the committed adapters, world v2): style strength 0.115 alone, 0.284 stacked; colour 0.91 and
+    # background 1.0 stacked. Whole-prompt accuracy is no guard here: the world v2 teacher reads shape and position
+    # poorly (0.17 at 50 DDIM steps on these prompts) and a hollow shape's count and size are the judge's hardest
+    # cases (0.22 alone, 0.09 stacked), so the guard is what the teacher follows, as in the test above.
+    assert both["acc_color"] > 0.8 and both["acc_background"] > 0.8

@@ -96,13 +96,16 @@ def distill_adversarial(out_dir: Path, device: str | None = None, **overrides) -
 
 def run_demo(out_dir: str | Path, n_prompts: int = 200, device: str | None = None, seed: int = 0,
              method: str = "lcd", grid_prompts: int = 10, lcd_overrides: dict | None = None,
-             reflow_overrides: dict | None = None, adversarial_overrides: dict | None = None) -> dict:
+             reflow_overrides: dict | None = None, adversarial_overrides: dict | None = None,
+             teacher_steps: tuple[int, ...] = (TOY_TEACHER_STEPS, *STUDENT_STEPS)) -> dict:
+    """The demo into ``out_dir`` (module docstring); ``teacher_steps``: the step counts of the teacher's rows (its
+    guided DDIM; the students' margins are over their baselines, so a shortened run may leave out the 50 steps)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = evaluation_prompts(n_prompts, seed=seed)
     pipe = load_pipeline("toy", device=device)
     report, grid_rows, labels = {}, [], []
-    teacher, rows = evaluate_teacher(pipe, prompts, seed=seed)
+    teacher, rows = evaluate_teacher(pipe, prompts, step_counts=teacher_steps, seed=seed)
     report["teacher"] = teacher
     for steps, imgs in rows.items():
         grid_rows.append(imgs[:grid_prompts])
