@@ -183,7 +183,7 @@ def test_committed_toy_adapters_say_what_made_them(which, method, steps, toy_sty
         pytest.skip("checks the committed file, not one given through the environment")
     _, md, fmt = lora.read_lora(path)
     assert fmt == "kohya" and md["stepdistill.method"] == method and md["stepdistill.base_model"] == "toy"
-    assert int(md.get("stepdistill.train_steps", md.get("stepdistill.max_train_steps", 0))) == steps, md
+    assert int(md["stepdistill.train_steps"]) == steps, md
 
 
 GUARD_PROMPTS = 32
@@ -209,11 +209,10 @@ def test_style_lora_puts_the_style_on_the_teacher(toy_style_lora):
 def test_accelerated_stack_keeps_the_style_with_a_margin(toy_style_lora, toy_accel_lora):
     """4 LCM steps with accel + style LoRA keep the hollow style measurably; the accel LoRA alone draws solid
     shapes."""
-    accel = toy_accel_lora
     from stepdistill.models.pipeline import load_pipeline
 
     pipe = load_pipeline("toy", device="cpu")
-    stacking.load_stack(pipe, {"accel": accel, "style": toy_style_lora})
+    stacking.load_stack(pipe, {"accel": toy_accel_lora, "style": toy_style_lora})
     prompts = style.style_prompts(GUARD_PROMPTS, seed=1)
     names = ["accel", "style"]
     accel_only, _ = stacking.evaluate_cell(pipe, names, prompts, stacking.Cell("a", "lcm", 4, 1.0, {"accel": 1.0}),
