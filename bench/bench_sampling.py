@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--steps", default="1,2,4,8", help="student step counts")
     p.add_argument("--teacher-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the toy's 5)")
+    p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: 2, the toy teacher's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", default=None, help="CUDA only: comma list of fp16,bf16 (default both); CPU: fp32")
     p.add_argument("--no-compile", action="store_true", help="CUDA only: skip the torch.compile variants")

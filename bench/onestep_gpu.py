@@ -10,7 +10,14 @@ second, the training loop's own seconds per step under concurrency, its start-up
 ``--budget`` seconds; every stage's outputs are copied to ``$OUT`` as they exist.
 
     python bench/onestep_gpu.py --out $OUT                     # device run (carry .whl: diffusers, peft, ...)
-    python bench/onestep_gpu.py --out /tmp/smoke --smoke       # CPU code-path check, tiny sizes (~3 minutes)
+    python bench/onestep_gpu.py --out /tmp/smoke --smoke       # CPU code-path check, tiny sizes (~2.5 minutes)
+
+The device run, as one call (``run`` with ``carry: [".whl"]``, ``timeout_s: 600``; ``.whl`` holds the wheels of
+diffusers 0.42.1, peft 0.21.2, transformers 5.23.0, webdataset 1.0.2 and braceexpand 0.1.7, downloaded as the
+device README shows)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site && python3 bench/onestep_gpu.py --out $OUT
 
 Commands are the CLI's (``python -m stepdistill.cli ...``), so every row of the summary has its command in
 ``commands.txt``.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -201,7 +209,8 @@ def main(argv=None):
     for name, code in codes.items():
         card = run.work / name / "stepdistill_card.json"
         if code == 0 and card.exists():
-            heldout[name] = json.loads(card.read_text()).get("heldout_loss", float("inf"))
+            loss = float(json.loads(card.read_text()).get("heldout_loss", "inf"))
+            heldout[name] = loss if math.isfinite(loss) else float("inf")  # a diverged run never wins
     if not heldout:
         raise SystemExit("the main regressions failed")
     best = min(heldout, key=heldout.get)

@@ -97,7 +97,7 @@ def add_eval_command(subparsers):
     e.add_argument("--seed", type=int, default=0, help="image i starts from noise seed SEED+i")
     e.add_argument("--student-steps", type=_int_list, default=STUDENT_STEPS, help="default steps of LoRA methods (1,2,4,8)")
     e.add_argument("--teacher-steps", type=_int_list, default=TEACHER_STEPS, help="default steps of the base model (25,50)")
-    e.add_argument("--teacher-guidance", type=float, default=None, help="CFG scale of the base model (toy prompts: 5, else 7.5)")
+    e.add_argument("--teacher-guidance", type=float, default=None, help="CFG scale of the base model (toy prompts: the toy teacher's, 2; else 7.5)")
     e.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth for FID")
     e.add_argument("--reference-images", default=None, help="folder of reference images for FID (toy prompts: rendered scenes)")
     e.add_argument("--clip-model", default=None, help="local CLIP model directory for CLIP score")

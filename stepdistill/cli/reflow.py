@@ -12,6 +12,7 @@ import torch
 from ..data.couplings import STORAGE_DTYPES
 from ..data.prompts import read_prompts
 from ..errors import CouplingError
+from ..toy.world import TOY_GUIDANCE
 from ..methods.reflow_couplings import (
     coupling_solver_error,
     default_guidance,
@@ -90,7 +91,7 @@ def add_reflow_commands(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--prompts", default=prompts_default,
                        help="toy:N[:SEED] (seeded toy-world prompts) or a text file with one prompt per line")
         p.add_argument("--guidance", type=float, default=None,
-                       help="CFG scale baked into the couplings (default: 5 for the toy teacher, else 7.5); FLUX: the "
+                       help=f"CFG scale baked into the couplings (default: {TOY_GUIDANCE:g} for the toy teacher, else 7.5); FLUX: the "
                             "embedded guidance (default 3.5 with a guidance embedding, else 1: no CFG)")
         p.add_argument("--windows", type=int, default=1, help="K, the PeRFlow windows (1 = InstaFlow-style reflow)")
         p.add_argument("--seed", type=int, default=0, help="coupling i uses noise seed SEED + i")

@@ -66,8 +66,8 @@ def add_sample_command(subparsers):
                    help="repeat for several prompts (default for --model toy: 4 fixed toy prompts)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps, >= 1")
     s.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale, >= 0; values <= 1 sample without classifier-free guidance (default: 5 for the toy "
-                        "teacher, 1 with an acceleration LoRA)")
+                   help="CFG scale, >= 0; values <= 1 sample without classifier-free guidance "
+                        f"(default: {TOY_GUIDANCE:g} for the toy teacher, 1 with an acceleration LoRA)")
     s.add_argument("--scheduler", default=None, help="ddim, lcm, tcd, perflow, euler, dpmpp, pndm, flow_euler (default: from the LoRA: lcm for LCD, perflow for reflow)")
     s.add_argument("--lora", action="append", default=[], help="PATH[:WEIGHT]; repeat to stack adapters")
     s.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights (faster sampling)")

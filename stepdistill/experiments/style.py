@@ -127,14 +127,15 @@ def style_prompts(n: int, seed: int) -> list[str]:
 
 
 def sample_styled_scenes(n: int, seed: int, resolution: int = S.RESOLUTION, style: str = DEFAULT_STYLE,
-                         where=None) -> tuple[np.ndarray, list]:
+                         where=None, only_styleable: bool = True) -> tuple[np.ndarray, list]:
     """``n`` one-shape scenes from ``seed`` on plain backgrounds (the style measures need one centroid and a flat
-    border), rendered in ``style``. ``where(scene) -> bool`` keeps only matching scenes too (drawing until ``n`` are found)."""
+    border), rendered in ``style``. ``where(scene) -> bool`` keeps only matching scenes too (drawing until ``n`` are
+    found). ``only_styleable=False``: scenes of the whole world (any count and texture), as training data."""
     rng = np.random.default_rng(seed)
     scenes = []
     while len(scenes) < n:
         s = S.random_scene(rng)
-        if styleable(s) and (where is None or where(s)):
+        if (styleable(s) or not only_styleable) and (where is None or where(s)):
             scenes.append(s)
     return np.stack([render_styled(s, resolution, style=style) for s in scenes]), scenes
 

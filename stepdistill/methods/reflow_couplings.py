@@ -260,7 +260,7 @@ def coupling_solver_error(pipe, prompts: list[str], solvers=(("ddim", 10), ("ddi
 
 
 def default_guidance(model: str, guidance: float | None, pipe=None) -> float:
-    """The guidance baked into couplings when none is given: the toy teacher's CFG 5, FLUX's embedded 3.5 (1 for
+    """The guidance baked into couplings when none is given: the toy teacher's ``TOY_GUIDANCE`` (2), FLUX's embedded 3.5 (1 for
     models without a guidance embedding: FLUX has no CFG here), else SD's 7.5."""
     if guidance is not None:
         return guidance
