@@ -41,11 +41,13 @@ ACCEL = "stepdistill/toy/weights/lcm-lora"
 # the one-step regression of docs/results.md (gan_loss_weight=0: the reflow term alone), at rank 96
 REGRESSION = ["gan_loss_weight=0", "lora_rank=96", "lr_scheduler=cosine", "checkpointing_steps=0",
               "report_to=none", "validation_steps=0"]
-SIBLINGS = [  # (name, keys): differ in batch order, loss or learning rate, as the CPU soups' members did
-    ("s1", ["seed=1"]),
-    ("s2", ["seed=2", "reflow_loss_type=pseudo_huber"]),
-    ("s3", ["seed=3", "learning_rate_scale=0.5"]),
-    ("s4", ["seed=4"]),
+# (name, keys, factor on the chosen start's learning rate): they differ in batch order, loss or learning rate, as
+# the CPU soups' members did
+SIBLINGS = [
+    ("s1", ["seed=1"], 1.0),
+    ("s2", ["seed=2", "reflow_loss_type=pseudo_huber"], 1.0),
+    ("s3", ["seed=3"], 0.5),
+    ("s4", ["seed=4"], 1.0),
 ]
 RATE = re.compile(r"distillation: +\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*?, +([\d.]+)(it/s|s/it)")  # the loop's bar
 
@@ -142,20 +144,18 @@ def couplings(run: Run) -> list[str]:
     return dirs
 
 
-def train(run: Run, jobs: dict[str, list[str]], steps: int, timeout: float, lr: float) -> dict[str, int | None]:
-    """One ``stepdistill distill`` process per job, all at once; a job's ``learning_rate_scale=F`` key trains at
-    ``F * lr``."""
-    a = run.args
+def train(run: Run, jobs: dict[str, list[str]], steps: int, timeout: float) -> dict[str, int | None]:
+    """One ``stepdistill distill`` process per job (its keys, the learning rate among them), all at once."""
     procs = {}
     for name, keys in jobs.items():
-        keys = list(keys)
-        scale = [k for k in keys if k.startswith("learning_rate_scale=")]
-        keys = [k for k in keys if k not in scale]
-        factor = float(scale[0].split("=")[1]) if scale else 1.0
         argv = ["distill", "--config", RECIPE, f"output_dir={run.work / name}", f"max_train_steps={steps}",
-                f"train_batch_size={a.batch}", f"learning_rate={lr * factor:g}", *REGRESSION, *keys]
+                f"train_batch_size={run.args.batch}", *REGRESSION, *keys]
         procs[name] = run.start(run.cli(*argv), name)
     return run.wait(procs, timeout)
+
+
+def lr_key(learning_rate: float) -> str:
+    return f"learning_rate={learning_rate:g}"
 
 
 def main(argv=None):
@@ -185,9 +185,10 @@ def main(argv=None):
     run.write_summary()
 
     # probe: the siblings' concurrency, so the per-step time is the slower one of the two stages
-    probe = {f"probe{i}": data + [f"seed={i}", "lr_warmup_steps=0"] for i in range(len(SIBLINGS))}
+    probe = {f"probe{i}": data + [f"seed={i}", "lr_warmup_steps=0", lr_key(args.learning_rate)]
+             for i in range(len(SIBLINGS))}
     t = time.time()
-    codes = train(run, probe, args.probe_steps, run.left() - args.reserve, args.learning_rate)
+    codes = train(run, probe, args.probe_steps, run.left() - args.reserve)
     wall = time.time() - t
     rates = [run.seconds_per_step(n) for n, c in codes.items() if c == 0]
     if not rates:
@@ -202,9 +203,9 @@ def main(argv=None):
     # with the lowest held-out loss is the siblings' shared start (a soup needs one)
     train_s = run.left() - args.reserve
     main_steps = max(int((train_s * args.main_share - startup) / per_step), args.probe_steps)
-    mains = {f"main-{i}": data + [f"lr_warmup_steps={args.warmup}", f"learning_rate_scale={f:g}"]
-             for i, f in enumerate(args.main_lr_scales)}
-    codes = train(run, mains, main_steps, train_s * args.main_share + 30, args.learning_rate)
+    main_lr = {f"main-{i}": args.learning_rate * f for i, f in enumerate(args.main_lr_scales)}
+    mains = {n: data + [f"lr_warmup_steps={args.warmup}", lr_key(lr)] for n, lr in main_lr.items()}
+    codes = train(run, mains, main_steps, train_s * args.main_share + 30)
     heldout = {}
     for name, code in codes.items():
         card = run.work / name / "stepdistill_card.json"
@@ -216,16 +217,15 @@ def main(argv=None):
     best = min(heldout, key=heldout.get)
     run.keep(run.work / best / "stepdistill_card.json", "main_card.json")
     run.summary["stages"]["main"] = {"steps": main_steps, "batch": args.batch, "heldout_loss": heldout,
-                                     "lr": {n: args.learning_rate * f for n, f in zip(mains, args.main_lr_scales)},
+                                     "lr": main_lr,
                                      "chosen": best}
     run.write_summary()
     run.say(f"main: {main_steps} steps, held-out loss {heldout}, siblings start from {best}")
     sib_s = run.left() - args.reserve
     sib_steps = max(int((sib_s - startup) / per_step), args.probe_steps)
-    lr = args.learning_rate * args.main_lr_scales[list(mains).index(best)]
     init = f"init_lora={run.work / best / 'pytorch_lora_weights.safetensors'}"
-    codes = train(run, {n: data + keys + [init, "lr_warmup_steps=0"] for n, keys in SIBLINGS}, sib_steps,
-                  sib_s + 20, lr)
+    siblings = {n: data + keys + [init, "lr_warmup_steps=0", lr_key(main_lr[best] * f)] for n, keys, f in SIBLINGS}
+    codes = train(run, siblings, sib_steps, sib_s + 20)
     done = [n for n, c in codes.items() if c == 0]
     run.summary["stages"]["siblings"] = {"steps": sib_steps, "finished": done}
     run.say(f"siblings: {sib_steps} steps, finished: {done}")

@@ -12,7 +12,6 @@ import torch
 from ..data.couplings import STORAGE_DTYPES
 from ..data.prompts import read_prompts
 from ..errors import CouplingError
-from ..toy.world import TOY_GUIDANCE
 from ..methods.reflow_couplings import (
     coupling_solver_error,
     default_guidance,
@@ -20,6 +19,7 @@ from ..methods.reflow_couplings import (
 )
 from ..ode import SOLVERS, SPACINGS
 from ..sampling import load_loras_into_pipeline
+from ..toy.world import TOY_GUIDANCE
 from ..training.preflight import load_model
 from .common import parse_lora_spec
 from .distill import cmd_reflow_train

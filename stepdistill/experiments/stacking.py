@@ -137,8 +137,8 @@ def stack_sweep(base: str, style_lora: str, accel_lora: str, out_dir: str | Path
     cells += [Cell(f"style {w:g}", "ddim", ref_steps, guidance, {"style": w}) for w in style_weights]
     cells += [Cell(f"style 1 ddim{steps}", "ddim", steps, guidance, {"style": 1.0})]
     # the accelerated sampler without the acceleration LoRA: the baselines every accel cell is read against
-    cells += [Cell(f"base lcm{steps}", "lcm", steps, 1.0, {}), Cell(f"style 1 lcm{steps}", "lcm", steps, 1.0,
-                                                                     {"style": 1.0})]
+    cells += [Cell(f"base lcm{steps}", "lcm", steps, 1.0, {}),
+              Cell(f"style 1 lcm{steps}", "lcm", steps, 1.0, {"style": 1.0})]
     cells += [Cell(f"accel {a:g}", "lcm", steps, 1.0, {"accel": a}) for a in accel_weights]
     cells += [Cell(f"accel {a:g} + style {w:g}", "lcm", steps, 1.0, {"accel": a, "style": w})
               for a in accel_weights for w in style_weights]
