@@ -13,8 +13,8 @@ second, the training loop's own seconds per step under concurrency, its start-up
     python bench/onestep_gpu.py --out /tmp/smoke --smoke       # CPU code-path check, tiny sizes (~2.5 minutes)
 
 The device run, as one call (``run`` with ``carry: [".whl"]``, ``timeout_s: 600``; ``.whl`` holds the wheels of
-diffusers 0.42.1, peft 0.21.2, transformers 5.23.0, webdataset 1.0.2 and braceexpand 0.1.7, downloaded as the
-device README shows)::
+diffusers 0.42.1, peft 0.21.2, transformers 5.23.0, webdataset 1.0.2 and braceexpand 0.1.7: ``bash
+bench/gpu_wheels.sh`` downloads them as the device README shows)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site && python3 bench/onestep_gpu.py --out $OUT
