@@ -1,5 +1,5 @@
 """How rough is the teacher's noise -> image map? The figure behind issue 13's reading that the one-step
-regression is data-bound (docs/results.md, "How rough the map is").
+regression is data-bound (docs/results.md, "How rough the teacher's map is").
 
 A one-step student regresses the teacher's ODE map ``x0 = T(eps, prompt)`` (24 DDIM steps at CFG 2, as the
 couplings are made). This measures, on the toy teacher, in clean-latent units (what the couplings store):
@@ -7,8 +7,8 @@ couplings are made). This measures, on the toy teacher, in clean-latent units (w
 * the endpoint's MSE when the noise moves a little, ``eps' = sqrt(1 - r^2) eps + r d`` (``d`` a fresh draw, so
   ``eps'`` is again standard normal), for a few ``r``; ``r = 1`` is an unrelated noise;
 * the flip equivariance error ``MSE(T(flip eps), flip T(eps))``, horizontal and vertical, on prompts that name no
-  position: whether flipped couplings could serve as extra data (they can if this is well below the student's
-  held-out error).
+  position off the centre (a flip keeps them true): whether flipped couplings could serve as extra data (they can
+  if this is well below the student's held-out error).
 
     python bench/teacher_map.py --prompts 96 --out out/teacher-map.json
 """
@@ -22,8 +22,10 @@ import torch
 
 from common import ROOT  # noqa: F401  (puts the checkout on sys.path)
 from stepdistill.data.prompts import read_prompts
+from stepdistill.models.latents import latent_shape
 from stepdistill.models.pipeline import load_pipeline
 from stepdistill.sampling import set_scheduler
+from stepdistill.toy.scenes import parse_caption
 
 
 def main():
@@ -38,11 +40,11 @@ def main():
 
     pipe = load_pipeline("toy")
     set_scheduler(pipe, "ddim")
-    shape = (args.prompts, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    shape = (args.prompts, *latent_shape(pipe))
     prompts = [p for p in read_prompts(f"toy:{4 * args.prompts}:{args.seed}")[0]
-               if "left" not in p and "right" not in p and "top" not in p and "bottom" not in p][:args.prompts]
+               if parse_caption(p).get("position", "center") == "center"][:args.prompts]
     if len(prompts) < args.prompts:
-        raise SystemExit("too few prompts without a position; lower --prompts")
+        raise SystemExit("too few prompts without a position off the centre; lower --prompts")
     gen = torch.Generator().manual_seed(args.seed)
     eps, d = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
