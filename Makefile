@@ -25,8 +25,9 @@ demo: install
 	$(VENV)/bin/stepdistill demo --out $(OUT) --method $(METHOD)
 
 # Two worker processes (pytest-xdist), a module to a worker, the slow modules first (tests/conftest.py), one torch
-# thread each: on 2 cores a second thread speeds these small models up ~1.15x, a second process ~1.5x (29.5 -> 20.5 min
-# on a slow 2-core machine before the ordering). `pytest tests/...` without -n runs in one process, two threads.
+# thread each: on 2 cores a second thread speeds these small models up ~1.15x, a second process ~1.5x (a slow 2-core
+# machine: 29:24 -> 17:21 of pytest; 20:28 with xdist's own module order, which left the demo module for last).
+# `pytest tests/...` without -n runs in one process, two threads.
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope --no-loadscope-reorder
 
